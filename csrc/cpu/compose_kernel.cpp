@@ -1,0 +1,161 @@
+// CPU kernel of compose: the full-resolution output in one pass. Each row is
+// the bilinear upsample of the coarse map, with the refined cells taken from
+// their patches and MattingRefine's clamp (and foreground + src) applied.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../index_math.h"
+#include "cpu_common.h"
+
+namespace pymatting_ext {
+namespace cpu {
+namespace {
+
+template <typename scalar_t>
+inline scalar_t clamp01(scalar_t v) {
+  // NB: written so that NaN passes through, as torch.clamp does.
+  return v < scalar_t(0) ? scalar_t(0) : (v > scalar_t(1) ? scalar_t(1) : v);
+}
+
+at::Tensor compose_cpu(const at::Tensor& coarse, const at::Tensor& patches, const at::Tensor& idx,
+                       const c10::optional<at::Tensor>& valid, at::IntArrayRef size,
+                       const c10::optional<at::Tensor>& src) {
+  const char* op = "compose";
+  check_rank(op, "coarse", coarse, 4, "(B, C, Hc, Wc)");
+  check_rank(op, "patches", patches, 4, "(P, C, s, s)");
+  check_float_dtype(op, "coarse", coarse);
+  check_same(op, "patches", patches, "coarse", coarse);
+  TORCH_CHECK(coarse.device().is_cpu(), op, ": this kernel takes CPU tensors, coarse is on ",
+              coarse.device());
+  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0, op,
+              ": size must be two positive sizes (H, W), got ", size);
+  const int64_t B = coarse.size(0), C = coarse.size(1), HCo = coarse.size(2), WCo = coarse.size(3);
+  TORCH_CHECK(HCo > 0 && WCo > 0, op, ": coarse must not be empty, got ", coarse.sizes());
+  const int64_t H = size[0], W = size[1];
+  const int64_t s = patches.size(3);
+  TORCH_CHECK(patches.size(1) == C && patches.size(2) == s && s > 0, op,
+              ": patches must have shape (P, ", C, ", s, s) to match coarse's ", C,
+              " channels, got ", patches.sizes());
+  TORCH_CHECK(H % s == 0 && W % s == 0, op, ": size (", H, ", ", W,
+              ") must be divisible by the patch size ", s);
+  check_idx_meta(op, idx, coarse.device());
+  TORCH_CHECK(idx.size(0) == patches.size(0), op, ": idx has ", idx.size(0),
+              " rows but there are ", patches.size(0), " patches");
+  check_valid_meta(op, valid, idx);
+  if (src.has_value()) {
+    check_same(op, "src", *src, "coarse", coarse);
+    TORCH_CHECK(C >= 2, op, ": with src, coarse must hold alpha and at least one foreground channel, got ",
+                C, " channels");
+    TORCH_CHECK(src->dim() == 4 && src->size(0) == B && src->size(1) == C - 1 &&
+                    src->size(2) == H && src->size(3) == W,
+                op, ": src must have shape (", B, ", ", C - 1, ", ", H, ", ", W, "), got ",
+                src->sizes());
+  }
+
+  const at::Tensor idx_c = idx.contiguous();
+  const int64_t HB = H / s, WB = W / s;
+  const std::vector<int32_t> map = cell_map(op, idx_c, valid, B, HB, WB);
+  at::Tensor out = at::empty({B, C, H, W}, coarse.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, coarse.scalar_type(), "compose_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    std::vector<LinearTap<opmath_t>> rows(H), cols(W);
+    const opmath_t sh = linear_scale<opmath_t>(HCo, H), sw = linear_scale<opmath_t>(WCo, W);
+    for (int64_t y = 0; y < H; ++y) {
+      rows[y] = linear_tap<scalar_t, opmath_t>(y, HCo, H, sh);
+    }
+    for (int64_t x = 0; x < W; ++x) {
+      cols[x] = linear_tap<scalar_t, opmath_t>(x, WCo, W, sw);
+    }
+    const scalar_t* in = coarse.data_ptr<scalar_t>();
+    const auto is = coarse.strides();
+    const scalar_t* pat = patches.data_ptr<scalar_t>();
+    const auto ps = patches.strides();
+    const scalar_t* src_p = src.has_value() ? src->data_ptr<scalar_t>() : nullptr;
+    const auto ss = src.has_value() ? src->strides() : is;
+    scalar_t* out_all = out.data_ptr<scalar_t>();
+
+    // Rows are handed out in (b, c, y) order, so a thread walks down a plane
+    // and reuses the width-interpolated coarse rows of the row above.
+    at::parallel_for(0, B * C * H, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<opmath_t> buf[2] = {std::vector<opmath_t>(W), std::vector<opmath_t>(W)};
+      int64_t key[2] = {-1, -1};
+      // The width pass of one coarse row into a buffer not holding `keep`.
+      auto coarse_row = [&](int64_t plane, int64_t cy, int64_t keep) -> const opmath_t* {
+        const int64_t k = plane * HCo + cy;
+        for (int j = 0; j < 2; ++j) {
+          if (key[j] == k) {
+            return buf[j].data();
+          }
+        }
+        const int j = key[0] == keep ? 1 : 0;
+        const int64_t b = plane / C, c = plane % C;
+        const scalar_t* row = in + b * is[0] + c * is[1] + cy * is[2];
+        opmath_t* dst = buf[j].data();
+        for (int64_t x = 0; x < W; ++x) {
+          const auto& t = cols[x];
+          dst[x] = static_cast<opmath_t>(row[t.i0 * is[3]]) * t.w0 +
+                   static_cast<opmath_t>(row[t.i1 * is[3]]) * t.w1;
+        }
+        key[j] = k;
+        return dst;
+      };
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t plane = r / H, y = r % H;
+        const int64_t b = plane / C, c = plane % C;
+        const auto& ty = rows[y];
+        const opmath_t* top = coarse_row(plane, ty.i0, plane * HCo + ty.i1);
+        const opmath_t* bottom = coarse_row(plane, ty.i1, plane * HCo + ty.i0);
+        scalar_t* o = out_all + r * W;
+        const opmath_t w0 = ty.w0, w1 = ty.w1;
+        for (int64_t x = 0; x < W; ++x) {
+          o[x] = static_cast<scalar_t>(top[x] * w0 + bottom[x] * w1);
+        }
+        const int32_t* cells = map.data() + (b * HB + y / s) * WB;
+        const int64_t py = y % s;
+        for (int64_t cx = 0; cx < WB; ++cx) {
+          const int32_t p = cells[cx];
+          if (p < 0) {
+            continue;
+          }
+          const scalar_t* prow = pat + p * ps[0] + c * ps[1] + py * ps[2];
+          for (int64_t px = 0; px < s; ++px) {
+            o[cx * s + px] = prow[px * ps[3]];
+          }
+        }
+        if (src_p != nullptr) {
+          if (c == 0) {
+            for (int64_t x = 0; x < W; ++x) {
+              o[x] = clamp01(o[x]);
+            }
+          } else {
+            const scalar_t* srow = src_p + b * ss[0] + (c - 1) * ss[1] + y * ss[2];
+            for (int64_t x = 0; x < W; ++x) {
+              // Rounded to scalar_t after the add, as fgr.add_(src) does.
+              const scalar_t sum = static_cast<scalar_t>(static_cast<opmath_t>(o[x]) +
+                                                         static_cast<opmath_t>(srow[x * ss[3]]));
+              o[x] = clamp01(sum);
+            }
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pymatting_ext, CPU, m) {
+  m.impl("compose", &compose_cpu);
+}
+
+}  // namespace cpu
+}  // namespace pymatting_ext

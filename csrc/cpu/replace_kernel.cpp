@@ -1,0 +1,75 @@
+// CPU kernel of replace: a copy of x with patches written into their cells.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu_common.h"
+
+namespace pymatting_ext {
+namespace cpu {
+namespace {
+
+at::Tensor replace_cpu(const at::Tensor& x, const at::Tensor& patches, const at::Tensor& idx,
+                       const c10::optional<at::Tensor>& valid) {
+  const char* op = "replace";
+  check_rank(op, "x", x, 4, "(B, C, H, W)");
+  check_rank(op, "patches", patches, 4, "(P, C, s, s)");
+  check_float_dtype(op, "x", x);
+  check_same(op, "patches", patches, "x", x);
+  TORCH_CHECK(x.device().is_cpu(), op, ": this kernel takes CPU tensors, x is on ", x.device());
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t s = patches.size(3);
+  TORCH_CHECK(patches.size(1) == C && patches.size(2) == s && s > 0, op,
+              ": patches must have shape (P, ", C, ", s, s) to match x's ", C,
+              " channels, got ", patches.sizes());
+  TORCH_CHECK(H % s == 0 && W % s == 0, op, ": x's height and width (", H, ", ", W,
+              ") must be divisible by the patch size ", s);
+  check_idx_meta(op, idx, x.device());
+  TORCH_CHECK(idx.size(0) == patches.size(0), op, ": idx has ", idx.size(0),
+              " rows but there are ", patches.size(0), " patches");
+  check_valid_meta(op, valid, idx);
+
+  const at::Tensor idx_c = idx.contiguous();
+  const int64_t HC = H / s, WC = W / s;
+  const std::vector<int32_t> map = cell_map(op, idx_c, valid, B, HC, WC);
+  at::Tensor out = x.clone();
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "replace_cpu", [&] {
+    const scalar_t* pat = patches.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const auto ps = patches.strides();
+    const auto os = out.strides();
+    // One task per cell; the map says which patch (if any) owns it, so every
+    // cell is written by one thread even when idx repeats a cell.
+    at::parallel_for(0, B * HC * WC, 256, [&](int64_t c0, int64_t c1) {
+      for (int64_t cell = c0; cell < c1; ++cell) {
+        const int32_t p = map[cell];
+        if (p < 0) {
+          continue;
+        }
+        const int64_t b = cell / (HC * WC), cy = (cell / WC) % HC, cx = cell % WC;
+        for (int64_t c = 0; c < C; ++c) {
+          for (int64_t py = 0; py < s; ++py) {
+            for (int64_t px = 0; px < s; ++px) {
+              o[b * os[0] + c * os[1] + (cy * s + py) * os[2] + (cx * s + px) * os[3]] =
+                  pat[p * ps[0] + c * ps[1] + py * ps[2] + px * ps[3]];
+            }
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pymatting_ext, CPU, m) {
+  m.impl("replace", &replace_cpu);
+}
+
+}  // namespace cpu
+}  // namespace pymatting_ext

@@ -1,0 +1,41 @@
+"""pymatting_ext: fast kernels for BackgroundMattingV2's refiner, as a
+drop-in replacement for its ``Refiner``.
+
+    from pymatting_ext import Refiner
+    refiner = Refiner('sampling', 80_000, 0.1).eval()
+    refiner.load_state_dict(upstream_refiner.state_dict())
+"""
+from . import _extension
+from ._backend import BACKENDS
+from . import ops, reference
+from .ops import compose, crop, replace, select_sampling, select_thresholding
+from .refiner import Refiner
+
+if _extension.available():
+    from . import _meta  # noqa: F401  (fake kernels for the C++ schemas)
+
+__version__ = "0.1.0"
+
+__all__ = ["Refiner", "ops", "reference", "select_sampling", "select_thresholding", "crop",
+           "replace", "compose", "BACKENDS", "build_info", "extension_available"]
+
+
+def extension_available() -> bool:
+    """True if the compiled extension (the 'cpu' backend) is loaded."""
+    return _extension.available()
+
+
+def build_info() -> dict:
+    """What was built and what was loaded: the build configuration recorded
+    by setup.py, whether _C loaded (and why not), and what the CUDA part was
+    compiled for."""
+    import torch
+
+    info = _extension.build_config()
+    info["loaded"] = _extension.available()
+    info["load_error"] = None if _extension.available() else str(_extension.load_error())
+    if _extension.available():
+        info["compiled"] = torch.ops.pymatting_ext.build_info()
+        if _extension.cuda_compiled():
+            info["cuda"] = torch.ops.pymatting_ext.cuda_build_info()
+    return info

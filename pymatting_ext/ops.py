@@ -1,0 +1,221 @@
+"""The public ops. Each checks its arguments (a ValueError naming the argument
+for bad input), picks a backend (see pymatting_ext._backend.resolve) and runs
+the compiled kernel through the dispatcher or the reference.
+
+Shapes: B images, cells of the stride grid indexed by idx rows (b, y, x).
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from . import reference
+from ._backend import resolve
+
+__all__ = ["select_sampling", "select_thresholding", "crop", "replace", "compose"]
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_tensor(op, name, t, rank, shape):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _check_dtype(op, name, t):
+    if t.dtype not in _DTYPES:
+        raise ValueError(f"{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_like(op, name, t, ref_name, ref):
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                         f"all tensors must be on one device")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def _check_int(op, name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+
+
+def _check_size(op, name, size):
+    if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in size):
+        raise ValueError(f"{op}: {name} must be two positive ints (H, W), got {tuple(size)}")
+
+
+def _check_idx(op, idx, device, rows=None):
+    _check_tensor(op, "idx", idx, 2, "(P, 3)")
+    if idx.shape[1] != 3 or idx.dtype != torch.int64:
+        raise ValueError(f"{op}: idx must be an int64 tensor of shape (P, 3), got {idx.dtype} {tuple(idx.shape)}")
+    if idx.device != device:
+        raise ValueError(f"{op}: idx is on {idx.device} but the data is on {device}")
+    if rows is not None and idx.shape[0] != rows:
+        raise ValueError(f"{op}: idx has {idx.shape[0]} rows but there are {rows} patches")
+
+
+def _check_idx_values(op, idx, grid):
+    """Range check of idx's values for the reference, whose indexing would
+    clamp or wrap silently. (The compiled kernels check in C++.)"""
+    if idx.numel() == 0:
+        return
+    upper = torch.tensor(grid, device=idx.device)
+    bad = ((idx < 0) | (idx >= upper)).any(dim=1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{op}: idx row {row} = {tuple(idx[row].tolist())} is out of range for a grid of "
+                         f"B={grid[0]}, H={grid[1]}, W={grid[2]} cells")
+
+
+def _check_valid(op, valid, idx):
+    if valid is None:
+        return
+    _check_tensor(op, "valid", valid, 1, "(P,)")
+    if valid.dtype != torch.bool or valid.shape[0] != idx.shape[0] or valid.device != idx.device:
+        raise ValueError(f"{op}: valid must be a bool tensor of shape ({idx.shape[0]},) on {idx.device}, "
+                         f"got {valid.dtype} {tuple(valid.shape)} on {valid.device}")
+
+
+def _check_err(op, err):
+    _check_tensor(op, "err", err, 4, "(B, 1, H, W)")
+    if err.shape[1] != 1:
+        raise ValueError(f"{op}: err must have shape (B, 1, H, W), got {tuple(err.shape)}")
+    _check_dtype(op, "err", err)
+
+
+def select_sampling(err: torch.Tensor, k: int, prevent_oversampling: bool = True, *,
+                    backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image, the k largest cells of err (B, 1, H, W) (k is capped at
+    H*W); NaN counts as the largest, ties go to the lower flat index.
+
+    Returns ``ref`` (err's shape and dtype; 1 where selected and, with
+    prevent_oversampling, err > 0), ``idx`` (B*k, 3) int64 rows (b, y, x) in
+    row-major order, and ``valid`` (B*k,) bool: err > 0 at idx with
+    prevent_oversampling, else all true. Shapes depend on k only, so this
+    never synchronises with the device."""
+    _check_err("select_sampling", err)
+    _check_int("select_sampling", "k", k, 0)
+    b = resolve(backend, err.device)
+    if b == "reference":
+        return reference.select_sampling(err, k, bool(prevent_oversampling))
+    return torch.ops.pymatting_ext.select_sampling(err, k, bool(prevent_oversampling))
+
+
+def select_thresholding(err: torch.Tensor, threshold: float, *,
+                        backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """``ref`` = float32 (err > threshold), the threshold rounded to err's
+    dtype as torch.gt does, and ``idx`` (P, 3) int64: its selected cells in
+    row-major order. P depends on the data."""
+    _check_err("select_thresholding", err)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"select_thresholding: threshold must be a float, got {type(threshold).__name__}")
+    b = resolve(backend, err.device)
+    if b == "reference":
+        return reference.select_thresholding(err, float(threshold))
+    return torch.ops.pymatting_ext.select_thresholding(err, float(threshold))
+
+
+def crop(inputs: Sequence[torch.Tensor], idx: torch.Tensor, stride: int, padding: int,
+         image_size: Sequence[int], patch_size: Optional[Sequence[int]] = None, *,
+         backend: str = "auto") -> torch.Tensor:
+    """Patches (P, sum C_i, ph, pw), channels-last, from the channel
+    concatenation of ``inputs`` (each (B, C_i, H_i, W_i)) bilinearly resized
+    to ``image_size`` (align_corners=False; inputs already of that size are
+    read directly). Patch p starts at (stride*y - padding, stride*x - padding)
+    for idx row (b, y, x); reads outside the image are zeros. ``patch_size``
+    defaults to stride + 2*padding square."""
+    op = "crop"
+    if isinstance(inputs, torch.Tensor):
+        inputs = [inputs]
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError(f"{op}: inputs must hold at least one tensor")
+    for i, t in enumerate(inputs):
+        _check_tensor(op, f"inputs[{i}]", t, 4, "(B, C, H, W)")
+        _check_dtype(op, f"inputs[{i}]", t)
+        _check_like(op, f"inputs[{i}]", t, "inputs[0]", inputs[0])
+        if t.shape[0] != inputs[0].shape[0]:
+            raise ValueError(f"{op}: inputs[{i}] has batch size {t.shape[0]} but inputs[0] has {inputs[0].shape[0]}")
+        if t.shape[2] == 0 or t.shape[3] == 0:
+            raise ValueError(f"{op}: inputs[{i}] must not be empty, got {tuple(t.shape)}")
+    _check_int(op, "stride", stride, 1)
+    _check_int(op, "padding", padding, 0)
+    image_size = tuple(image_size)
+    _check_size(op, "image_size", image_size)
+    patch_size = (stride + 2 * padding,) * 2 if patch_size is None else tuple(patch_size)
+    _check_size(op, "patch_size", patch_size)
+    _check_idx(op, idx, inputs[0].device)
+    b = resolve(backend, inputs[0].device)
+    if b == "reference":
+        grid = (inputs[0].shape[0], -(-image_size[0] // stride), -(-image_size[1] // stride))
+        _check_idx_values(op, idx, grid)
+        return reference.crop(inputs, idx, stride, padding, image_size, patch_size)
+    return torch.ops.pymatting_ext.crop(inputs, idx, stride, padding, list(image_size), list(patch_size))
+
+
+def _check_patches(op, patches, channels, name_of_x, x):
+    _check_tensor(op, "patches", patches, 4, "(P, C, s, s)")
+    _check_like(op, "patches", patches, name_of_x, x)
+    s = patches.shape[3]
+    if patches.shape[1] != channels or patches.shape[2] != s or s == 0:
+        raise ValueError(f"{op}: patches must have shape (P, {channels}, s, s) to match {name_of_x}, "
+                         f"got {tuple(patches.shape)}")
+    return s
+
+
+def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
+            valid: Optional[torch.Tensor] = None, *, backend: str = "auto") -> torch.Tensor:
+    """A copy of x (B, C, H, W) with the s-by-s cell (y, x) of image b replaced
+    by patch p (P, C, s, s) for each idx row (b, y, x) whose ``valid`` is
+    true; of several patches for one cell, the last wins."""
+    op = "replace"
+    _check_tensor(op, "x", x, 4, "(B, C, H, W)")
+    _check_dtype(op, "x", x)
+    s = _check_patches(op, patches, x.shape[1], "x", x)
+    if x.shape[2] % s or x.shape[3] % s:
+        raise ValueError(f"{op}: x's height and width {tuple(x.shape[2:])} must be divisible by the patch size {s}")
+    _check_idx(op, idx, x.device, patches.shape[0])
+    _check_valid(op, valid, idx)
+    b = resolve(backend, x.device)
+    if b == "reference":
+        _check_idx_values(op, idx, (x.shape[0], x.shape[2] // s, x.shape[3] // s))
+        return reference.replace(x, patches, idx, valid)
+    return torch.ops.pymatting_ext.replace(x, patches, idx, valid)
+
+
+def compose(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
+            valid: Optional[torch.Tensor], size: Sequence[int], src: Optional[torch.Tensor] = None, *,
+            backend: str = "auto") -> torch.Tensor:
+    """The full-resolution output (B, C, H, W) in one pass: the bilinear
+    upsample of ``coarse`` (B, C, Hc, Wc) to ``size``, with every cell that a
+    valid patch names taken from that patch. With ``src`` (B, C-1, H, W),
+    MattingRefine's epilogue: channel 0 clamped to [0, 1], the others
+    clamp(value + src, 0, 1)."""
+    op = "compose"
+    _check_tensor(op, "coarse", coarse, 4, "(B, C, Hc, Wc)")
+    _check_dtype(op, "coarse", coarse)
+    if coarse.shape[2] == 0 or coarse.shape[3] == 0:
+        raise ValueError(f"{op}: coarse must not be empty, got {tuple(coarse.shape)}")
+    s = _check_patches(op, patches, coarse.shape[1], "coarse", coarse)
+    size = tuple(size)
+    _check_size(op, "size", size)
+    if size[0] % s or size[1] % s:
+        raise ValueError(f"{op}: size {size} must be divisible by the patch size {s}")
+    _check_idx(op, idx, coarse.device, patches.shape[0])
+    _check_valid(op, valid, idx)
+    if src is not None:
+        _check_tensor(op, "src", src, 4, "(B, C-1, H, W)")
+        _check_like(op, "src", src, "coarse", coarse)
+        want = (coarse.shape[0], coarse.shape[1] - 1) + size
+        if coarse.shape[1] < 2 or tuple(src.shape) != want:
+            raise ValueError(f"{op}: src must have shape {want} (coarse holds alpha then the foreground), "
+                             f"got {tuple(src.shape)}")
+    b = resolve(backend, coarse.device)
+    if b == "reference":
+        _check_idx_values(op, idx, (coarse.shape[0], size[0] // s, size[1] // s))
+        return reference.compose(coarse, patches, idx, valid, size, src)
+    return torch.ops.pymatting_ext.compose(coarse, patches, idx, valid, list(size), src)

@@ -1,0 +1,168 @@
+"""Build of pymatting_ext and its compiled extension pymatting_ext._C.
+
+The C++ CPU kernels are always built. The CUDA sources under kernels/cuda are
+added whenever the installed torch has CUDA and a CUDA toolkit (nvcc) is
+found; no GPU is needed to build them. Environment variables:
+
+  CUDA_HOME / CUDA_PATH        toolkit root (default: /usr/local/cuda, then
+                               /usr/local/cuda-*, then nvcc's real location)
+  PYMATTING_EXT_CUDA=0|1       force the CUDA sources off / on
+  TORCH_CUDA_ARCH_LIST         architectures (default: 7.5;8.0;9.0+PTX)
+  MAX_JOBS                     parallel compile jobs (torch's variable)
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"
+
+
+def _nvcc_root(nvcc):
+    """The toolkit root behind an nvcc, following wrapper scripts that exec
+    the real compiler (torch would take the wrapper's folder for the root)."""
+    real = os.path.realpath(nvcc)
+    try:
+        with open(real, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        head = b""
+    if head.startswith(b"#!"):
+        for token in head.decode("utf-8", "replace").split():
+            token = token.strip("\"'")
+            if token.endswith("/bin/nvcc") and os.path.isfile(token):
+                real = os.path.realpath(token)
+                break
+    return os.path.dirname(os.path.dirname(real))
+
+
+def find_cuda_home():
+    """(root, how it was found), or (None, why not)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        value = os.environ.get(var)
+        if value:
+            if os.path.isfile(os.path.join(value, "bin", "nvcc")):
+                return value, f"${var}"
+            return None, f"${var}={value} has no bin/nvcc"
+    for candidate in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        if os.path.isfile(os.path.join(candidate, "bin", "nvcc")):
+            return candidate, "standard location"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        root = _nvcc_root(nvcc)
+        if os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            return root, f"nvcc on PATH ({nvcc})"
+    return None, "no nvcc found (set CUDA_HOME)"
+
+
+def pip_cuda_include_dirs():
+    """Header folders of pip's NVIDIA packages (nvidia/cu13/include, or the
+    per-library nvidia/*/include of older releases): torch's CUDA headers
+    include cusparse.h and friends, which a bare toolkit may lack."""
+    dirs = []
+    for entry in sys.path:
+        base = os.path.join(entry or ".", "nvidia")
+        if os.path.isdir(base):
+            dirs += sorted(d for d in glob.glob(os.path.join(base, "*", "include")) if os.path.isdir(d))
+    seen, unique = set(), []
+    for d in dirs:
+        key = os.path.realpath(d)
+        if key not in seen:
+            seen.add(key)
+            unique.append(d)
+    return unique
+
+
+def build_extension_config():
+    cuda_home, cuda_how = find_cuda_home()
+    if cuda_home:
+        # NB: torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+        os.environ["CUDA_HOME"] = cuda_home
+    import torch
+    from torch.utils import cpp_extension
+
+    if cuda_home:
+        cpp_extension.CUDA_HOME = cuda_home
+
+    want = os.environ.get("PYMATTING_EXT_CUDA")
+    torch_cuda = torch.version.cuda
+    if want == "0":
+        with_cuda, why = False, "PYMATTING_EXT_CUDA=0"
+    elif torch_cuda is None:
+        with_cuda, why = False, f"torch {torch.__version__} has no CUDA"
+    elif cuda_home is None:
+        with_cuda, why = False, cuda_how
+    else:
+        with_cuda, why = True, f"toolkit {cuda_home} ({cuda_how})"
+    if want == "1" and not with_cuda:
+        raise RuntimeError(f"PYMATTING_EXT_CUDA=1 but the CUDA sources cannot be built: {why}")
+
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    cxx_flags = ["-O3"]
+    define_macros = []
+    extra = {"cxx": cxx_flags}
+    arch_list = None
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+        arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+        sources += sorted(glob.glob(os.path.join("kernels", "cuda", "*.cu")))
+        include_dirs += pip_cuda_include_dirs()
+        define_macros.append(("PYMATTING_EXT_WITH_CUDA", None))
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        ext_cls = cpp_extension.CUDAExtension
+    else:
+        ext_cls = cpp_extension.CppExtension
+
+    config = {
+        "torch": torch.__version__,
+        "torch_cuda": torch_cuda,
+        "with_cuda": with_cuda,
+        "cuda_home": cuda_home if with_cuda else None,
+        "arch_list": arch_list,
+        "reason": why,
+    }
+    print("pymatting_ext build configuration:")
+    for key, value in config.items():
+        print(f"  {key:10s} {value}")
+    if with_cuda:
+        print(f"  includes   {include_dirs[1:]}")
+
+    # Recorded so that a failed load of _C can say what it was built for.
+    with open(os.path.join(ROOT, "pymatting_ext", "_build_config.py"), "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write(f"BUILD_CONFIG = {config!r}\n")
+
+    ext = ext_cls(
+        "pymatting_ext._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args=extra,
+    )
+    return ext, cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+def main():
+    # Metadata-only invocations (egg_info, sdist) need no compiler.
+    ext, build_ext = build_extension_config()
+    setup(
+        name="pymatting_ext",
+        version="0.1.0",
+        description="Fast CPU/CUDA/Triton kernels for BackgroundMattingV2's refiner, as a drop-in replacement.",
+        packages=find_packages(include=["pymatting_ext", "pymatting_ext.*"]),
+        ext_modules=[ext],
+        cmdclass={"build_ext": build_ext},
+        python_requires=">=3.9",
+        install_requires=["torch>=2.4"],
+        extras_require={"test": ["pytest", "backgroundmattingv2==1.0", "torchvision"]},
+    )
+
+
+if __name__ == "__main__":
+    main()
