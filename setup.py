@@ -103,7 +103,9 @@ def build_extension_config():
 
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3"]
+    # NB: at::parallel_for is inline and runs serially unless compiled with
+    # OpenMP, torch's CPU thread pool.
+    cxx_flags = ["-O3", "-fopenmp"]
     define_macros = []
     extra = {"cxx": cxx_flags}
     arch_list = None
@@ -144,6 +146,7 @@ def build_extension_config():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
     )
     return ext, cpp_extension.BuildExtension.with_options(use_ninja=True)
 

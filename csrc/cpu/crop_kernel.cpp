@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../index_math.h"
@@ -94,51 +95,88 @@ at::Tensor crop_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride
     }
     const int64_t* idx_p = idx_c.data_ptr<int64_t>();
     scalar_t* out_all = out.data_ptr<scalar_t>();
-    at::parallel_for(0, P, 16, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
+    // Work items are strips of up to kStrip patch rows, so that a few huge
+    // patches (the full mode's whole-image crop) still spread over threads.
+    constexpr int64_t kStrip = 16;
+    const int64_t strips = (PH + kStrip - 1) / kStrip;
+    at::parallel_for(0, P * strips, 8, [&](int64_t t0, int64_t t1) {
+      std::vector<opmath_t> local;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p = t / strips;
+        const int64_t py0 = (t % strips) * kStrip, py1 = std::min(PH, py0 + kStrip);
         const int64_t b = idx_p[3 * p];
         const int64_t oy = patch_origin(idx_p[3 * p + 1], stride, padding);
         const int64_t ox = patch_origin(idx_p[3 * p + 2], stride, padding);
         scalar_t* o = out_all + p * PH * PW * C;
+        // The part of the strip inside the image; everything else is zero.
+        const int64_t y_lo = std::max(oy + py0, int64_t(0)), y_hi = std::min(oy + py1, H);
+        const int64_t x_lo = std::max(ox, int64_t(0)), x_hi = std::min(ox + PW, W);
+        for (int64_t py = py0; py < py1; ++py) {
+          const int64_t y = oy + py;
+          for (int64_t px = 0; px < PW; ++px) {
+            const int64_t x = ox + px;
+            if (y < y_lo || y >= y_hi || x < x_lo || x >= x_hi) {
+              std::fill_n(o + (py * PW + px) * C, C, scalar_t(0));
+            }
+          }
+        }
+        if (y_lo >= y_hi || x_lo >= x_hi) {
+          continue;
+        }
         int64_t c_base = 0;
         for (const auto& s : sources) {
-          for (int64_t c = 0; c < s.channels; ++c) {
-            const scalar_t* plane = s.data + b * s.stride_b + c * s.stride_c;
-            scalar_t* oc = o + c_base + c;
-            for (int64_t py = 0; py < PH; ++py) {
-              const int64_t y = oy + py;
-              scalar_t* orow = oc + py * PW * C;
-              if (y < 0 || y >= H) {
-                for (int64_t px = 0; px < PW; ++px) {
-                  orow[px * C] = scalar_t(0);
+          const int64_t SC = s.channels;
+          const scalar_t* image = s.data + b * s.stride_b;
+          if (!s.resample) {
+            for (int64_t y = y_lo; y < y_hi; ++y) {
+              scalar_t* orow = o + ((y - oy) * PW - ox) * C + c_base;
+              for (int64_t c = 0; c < SC; ++c) {
+                const scalar_t* irow = image + c * s.stride_c + y * s.stride_h;
+                for (int64_t x = x_lo; x < x_hi; ++x) {
+                  orow[x * C + c] = irow[x * s.stride_w];
                 }
-                continue;
               }
-              if (!s.resample) {
-                const scalar_t* irow = plane + y * s.stride_h;
-                for (int64_t px = 0; px < PW; ++px) {
-                  const int64_t x = ox + px;
-                  orow[px * C] = (x >= 0 && x < W) ? irow[x * s.stride_w] : scalar_t(0);
-                }
-                continue;
-              }
-              const auto& ty = s.rows[y];
-              const scalar_t* r0 = plane + ty.i0 * s.stride_h;
-              const scalar_t* r1 = plane + ty.i1 * s.stride_h;
-              for (int64_t px = 0; px < PW; ++px) {
-                const int64_t x = ox + px;
-                if (x < 0 || x >= W) {
-                  orow[px * C] = scalar_t(0);
-                  continue;
-                }
-                const auto& tx = s.cols[x];
-                const int64_t a = tx.i0 * s.stride_w, d = tx.i1 * s.stride_w;
-                orow[px * C] = static_cast<scalar_t>(linear_mix<opmath_t>(
-                    r0[a], r0[d], r1[a], r1[d], ty.w0, ty.w1, tx.w0, tx.w1));
+            }
+            c_base += SC;
+            continue;
+          }
+          // NB: the source window is first gathered channels-innermost, so
+          // the blend below runs over contiguous channels (vectorised) and
+          // writes the channels-last output contiguously.
+          const int64_t r_lo = s.rows[y_lo].i0, r_hi = s.rows[y_hi - 1].i1 + 1;
+          const int64_t q_lo = s.cols[x_lo].i0, q_hi = s.cols[x_hi - 1].i1 + 1;
+          const int64_t nq = q_hi - q_lo;
+          local.resize(static_cast<size_t>((r_hi - r_lo) * nq * SC));
+          for (int64_t c = 0; c < SC; ++c) {
+            const scalar_t* plane = image + c * s.stride_c;
+            for (int64_t r = r_lo; r < r_hi; ++r) {
+              const scalar_t* irow = plane + r * s.stride_h;
+              opmath_t* lrow = local.data() + (r - r_lo) * nq * SC + c;
+              for (int64_t q = q_lo; q < q_hi; ++q) {
+                lrow[(q - q_lo) * SC] = static_cast<opmath_t>(irow[q * s.stride_w]);
               }
             }
           }
-          c_base += s.channels;
+          for (int64_t y = y_lo; y < y_hi; ++y) {
+            const auto& ty = s.rows[y];
+            const opmath_t* l0 = local.data() + (ty.i0 - r_lo) * nq * SC;
+            const opmath_t* l1 = local.data() + (ty.i1 - r_lo) * nq * SC;
+            const opmath_t wy0 = ty.w0, wy1 = ty.w1;
+            scalar_t* orow = o + ((y - oy) * PW - ox) * C + c_base;
+            for (int64_t x = x_lo; x < x_hi; ++x) {
+              const auto& tx = s.cols[x];
+              const opmath_t* a0 = l0 + (tx.i0 - q_lo) * SC;
+              const opmath_t* a1 = l0 + (tx.i1 - q_lo) * SC;
+              const opmath_t* b0 = l1 + (tx.i0 - q_lo) * SC;
+              const opmath_t* b1 = l1 + (tx.i1 - q_lo) * SC;
+              const opmath_t wx0 = tx.w0, wx1 = tx.w1;
+              scalar_t* oc = orow + x * C;
+              for (int64_t c = 0; c < SC; ++c) {
+                oc[c] = static_cast<scalar_t>(linear_mix<opmath_t>(a0[c], a1[c], b0[c], b1[c], wy0, wy1, wx0, wx1));
+              }
+            }
+          }
+          c_base += SC;
         }
       }
     });
