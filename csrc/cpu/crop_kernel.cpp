@@ -17,10 +17,17 @@ namespace cpu {
 namespace {
 
 template <typename scalar_t>
-struct CropSource {
+struct CropPlane {
   const scalar_t* data;
-  int64_t channels, height, width;
-  int64_t stride_b, stride_c, stride_h, stride_w;
+  int64_t stride_b, stride_h, stride_w;
+};
+
+// Consecutive inputs of one size are one source: their channels are
+// gathered and blended together.
+template <typename scalar_t>
+struct CropSource {
+  std::vector<CropPlane<scalar_t>> planes;
+  int64_t height, width;
   bool resample;
   // Taps over the resampled image's rows and columns (empty if !resample).
   std::vector<LinearTap<at::opmath_type<scalar_t>>> rows, cols;
@@ -71,27 +78,27 @@ at::Tensor crop_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride
     using opmath_t = at::opmath_type<scalar_t>;
     std::vector<CropSource<scalar_t>> sources;
     for (const auto& t : inputs) {
-      CropSource<scalar_t> s;
-      s.data = t.data_ptr<scalar_t>();
-      s.channels = t.size(1);
-      s.height = t.size(2);
-      s.width = t.size(3);
-      s.stride_b = t.stride(0);
-      s.stride_c = t.stride(1);
-      s.stride_h = t.stride(2);
-      s.stride_w = t.stride(3);
-      s.resample = s.height != H || s.width != W;
-      if (s.resample) {
-        const opmath_t sh = linear_scale<opmath_t>(s.height, H);
-        const opmath_t sw = linear_scale<opmath_t>(s.width, W);
-        for (int64_t y = 0; y < H; ++y) {
-          s.rows.push_back(linear_tap<scalar_t, opmath_t>(y, s.height, H, sh));
+      if (sources.empty() || sources.back().height != t.size(2) || sources.back().width != t.size(3)) {
+        CropSource<scalar_t> s;
+        s.height = t.size(2);
+        s.width = t.size(3);
+        s.resample = s.height != H || s.width != W;
+        if (s.resample) {
+          const opmath_t sh = linear_scale<opmath_t>(s.height, H);
+          const opmath_t sw = linear_scale<opmath_t>(s.width, W);
+          for (int64_t y = 0; y < H; ++y) {
+            s.rows.push_back(linear_tap<scalar_t, opmath_t>(y, s.height, H, sh));
+          }
+          for (int64_t x = 0; x < W; ++x) {
+            s.cols.push_back(linear_tap<scalar_t, opmath_t>(x, s.width, W, sw));
+          }
         }
-        for (int64_t x = 0; x < W; ++x) {
-          s.cols.push_back(linear_tap<scalar_t, opmath_t>(x, s.width, W, sw));
-        }
+        sources.push_back(std::move(s));
       }
-      sources.push_back(std::move(s));
+      for (int64_t c = 0; c < t.size(1); ++c) {
+        sources.back().planes.push_back(
+            {t.data_ptr<scalar_t>() + c * t.stride(1), t.stride(0), t.stride(2), t.stride(3)});
+      }
     }
     const int64_t* idx_p = idx_c.data_ptr<int64_t>();
     scalar_t* out_all = out.data_ptr<scalar_t>();
@@ -125,15 +132,15 @@ at::Tensor crop_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride
         }
         int64_t c_base = 0;
         for (const auto& s : sources) {
-          const int64_t SC = s.channels;
-          const scalar_t* image = s.data + b * s.stride_b;
+          const int64_t SC = static_cast<int64_t>(s.planes.size());
           if (!s.resample) {
             for (int64_t y = y_lo; y < y_hi; ++y) {
               scalar_t* orow = o + ((y - oy) * PW - ox) * C + c_base;
               for (int64_t c = 0; c < SC; ++c) {
-                const scalar_t* irow = image + c * s.stride_c + y * s.stride_h;
+                const auto& pl = s.planes[c];
+                const scalar_t* irow = pl.data + b * pl.stride_b + y * pl.stride_h;
                 for (int64_t x = x_lo; x < x_hi; ++x) {
-                  orow[x * C + c] = irow[x * s.stride_w];
+                  orow[x * C + c] = irow[x * pl.stride_w];
                 }
               }
             }
@@ -148,12 +155,13 @@ at::Tensor crop_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride
           const int64_t nq = q_hi - q_lo;
           local.resize(static_cast<size_t>((r_hi - r_lo) * nq * SC));
           for (int64_t c = 0; c < SC; ++c) {
-            const scalar_t* plane = image + c * s.stride_c;
+            const auto& pl = s.planes[c];
+            const scalar_t* plane = pl.data + b * pl.stride_b;
             for (int64_t r = r_lo; r < r_hi; ++r) {
-              const scalar_t* irow = plane + r * s.stride_h;
+              const scalar_t* irow = plane + r * pl.stride_h;
               opmath_t* lrow = local.data() + (r - r_lo) * nq * SC + c;
               for (int64_t q = q_lo; q < q_hi; ++q) {
-                lrow[(q - q_lo) * SC] = static_cast<opmath_t>(irow[q * s.stride_w]);
+                lrow[(q - q_lo) * SC] = static_cast<opmath_t>(irow[q * pl.stride_w]);
               }
             }
           }

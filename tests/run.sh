@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine and runs the whole test suite:
+#   bash tests/run.sh [extra pytest arguments]
+# Installs torch (only if none is installed), the build and test dependencies
+# and upstream's package (the oracle), builds and installs pymatting_ext from
+# this checkout (CUDA sources too where a toolkit is found), then runs pytest
+# against the installed package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
+    "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+fi
+"$PY" -m pip install -q ninja pybind11 pytest "backgroundmattingv2==1.0"
+"$PY" -m pip install -q --no-deps --no-build-isolation --force-reinstall -v . > build.log 2>&1 \
+    || { tail -n 60 build.log; exit 1; }
+grep -A7 "pymatting_ext build configuration" build.log | head -n 8
+
+# From inside tests/, so that `import pymatting_ext` is the installed package,
+# not the source folder.
+cd tests
+exec "$PY" -m pytest -q -p no:cacheprovider "$@"
