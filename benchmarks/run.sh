@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine and runs the benchmarks:
+#   bash benchmarks/run.sh [extra arguments for the scripts, e.g. --quick]
+# Same set-up as tests/run.sh (torch only if none is installed, upstream's
+# package, a build of this checkout), then upstream vs ours on whatever device
+# is found; tables are printed and JSON written under benchmarks/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
+    "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+fi
+"$PY" -m pip install -q ninja pybind11 "backgroundmattingv2==1.0"
+"$PY" -m pip install -q --no-deps --no-build-isolation --force-reinstall -v . > build.log 2>&1 \
+    || { tail -n 60 build.log; exit 1; }
+grep -A7 "pymatting_ext build configuration" build.log | head -n 8
+
+cd benchmarks
+"$PY" bench_refiner.py "$@"
+"$PY" bench_ops.py "$@"
