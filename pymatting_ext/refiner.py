@@ -212,7 +212,8 @@ class Refiner(nn.Module):
 
         P = idx.shape[0]
         chunk = self._chunk_size(src.device, folded)
-        if P == 0:
+        if self.training and P == 0:
+            # As upstream: no patches, so BatchNorm sees no (empty) batch.
             x = coarse.new_empty((0, 4, 4, 4))
         elif chunk is None or P <= chunk:
             x = patches(idx)
