@@ -13,6 +13,8 @@ from .refiner import Refiner
 
 if _extension.available():
     from . import _meta  # noqa: F401  (fake kernels for the C++ schemas)
+else:
+    _extension.warn_if_missing()
 
 __version__ = "0.1.0"
 

@@ -5,6 +5,8 @@ built against another torch: the reference backend still works, and asking for
 a compiled backend raises an error that says what was built for what and how
 to rebuild.
 """
+import warnings
+
 import torch
 
 __all__ = ["available", "load_error", "require", "build_config", "cuda_compiled"]
@@ -52,6 +54,13 @@ def _explain() -> str:
             f"(CUDA {torch.version.cuda}). Rebuild it against this torch with "
             f"`pip install --no-build-isolation --force-reinstall --no-deps .` in the "
             f"source tree, or use backend='reference'.")
+
+
+def warn_if_missing():
+    """One warning at import when the extension could not be loaded."""
+    if _LOAD_ERROR is not None:
+        warnings.warn(_explain() + " Until then only the reference backend runs.", RuntimeWarning,
+                      stacklevel=3)
 
 
 def require():

@@ -1,0 +1,34 @@
+"""The package under test is the built one: the compiled extension loaded,
+and the CUDA sources compiled in where the build was asked to include them."""
+import os
+
+import torch
+
+import pymatting_ext
+
+
+def test_extension_is_loaded():
+    info = pymatting_ext.build_info()
+    assert info["loaded"], info["load_error"]
+    assert info["compiled"] in ("cpu", "cpu+cuda")
+
+
+def test_installed_package_is_used():
+    # tests/run.sh runs pytest from tests/, so the source folder must not
+    # shadow the installed package (whose _C sits beside it).
+    assert os.path.isdir(os.path.dirname(pymatting_ext.__file__))
+    assert any(f.startswith("_C") for f in os.listdir(os.path.dirname(pymatting_ext.__file__)))
+
+
+def test_cuda_sources_built_when_required():
+    info = pymatting_ext.build_info()
+    if os.environ.get("PYMATTING_EXT_CUDA") == "1":
+        assert info["with_cuda"] and info["compiled"] == "cpu+cuda", info
+        assert info["cuda"].startswith("cudart "), info
+    if info.get("with_cuda"):
+        assert torch.version.cuda is not None
+
+
+def test_every_op_has_a_schema():
+    for name in ("select_sampling", "select_thresholding", "crop", "replace", "compose"):
+        assert hasattr(torch.ops.pymatting_ext, name), name
