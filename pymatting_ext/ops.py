@@ -99,10 +99,7 @@ def select_sampling(err: torch.Tensor, k: int, prevent_oversampling: bool = True
     never synchronises with the device."""
     _check_err("select_sampling", err)
     _check_int("select_sampling", "k", k, 0)
-    b = resolve(backend, err.device)
-    if b == "reference":
-        return reference.select_sampling(err, k, bool(prevent_oversampling))
-    return torch.ops.pymatting_ext.select_sampling(err, k, bool(prevent_oversampling))
+    return run_select_sampling(resolve(backend, err.device), err, k, bool(prevent_oversampling))
 
 
 def select_thresholding(err: torch.Tensor, threshold: float, *,
@@ -113,10 +110,7 @@ def select_thresholding(err: torch.Tensor, threshold: float, *,
     _check_err("select_thresholding", err)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"select_thresholding: threshold must be a float, got {type(threshold).__name__}")
-    b = resolve(backend, err.device)
-    if b == "reference":
-        return reference.select_thresholding(err, float(threshold))
-    return torch.ops.pymatting_ext.select_thresholding(err, float(threshold))
+    return run_select_thresholding(resolve(backend, err.device), err, float(threshold))
 
 
 def crop(inputs: Sequence[torch.Tensor], idx: torch.Tensor, stride: int, padding: int,
@@ -151,10 +145,8 @@ def crop(inputs: Sequence[torch.Tensor], idx: torch.Tensor, stride: int, padding
     _check_idx(op, idx, inputs[0].device)
     b = resolve(backend, inputs[0].device)
     if b == "reference":
-        grid = (inputs[0].shape[0], -(-image_size[0] // stride), -(-image_size[1] // stride))
-        _check_idx_values(op, idx, grid)
-        return reference.crop(inputs, idx, stride, padding, image_size, patch_size)
-    return torch.ops.pymatting_ext.crop(inputs, idx, stride, padding, list(image_size), list(patch_size))
+        _check_idx_values(op, idx, (inputs[0].shape[0], -(-image_size[0] // stride), -(-image_size[1] // stride)))
+    return run_crop(b, inputs, idx, stride, padding, image_size, patch_size)
 
 
 def _check_patches(op, patches, channels, name_of_x, x):
@@ -183,8 +175,7 @@ def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
     b = resolve(backend, x.device)
     if b == "reference":
         _check_idx_values(op, idx, (x.shape[0], x.shape[2] // s, x.shape[3] // s))
-        return reference.replace(x, patches, idx, valid)
-    return torch.ops.pymatting_ext.replace(x, patches, idx, valid)
+    return run_replace(b, x, patches, idx, valid)
 
 
 def compose(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
@@ -217,5 +208,40 @@ def compose(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
     b = resolve(backend, coarse.device)
     if b == "reference":
         _check_idx_values(op, idx, (coarse.shape[0], size[0] // s, size[1] // s))
-        return reference.compose(coarse, patches, idx, valid, size, src)
+    return run_compose(b, coarse, patches, idx, valid, size, src)
+
+
+# The ops without argument checks, on a resolved backend. For callers that
+# made their own checks and whose idx comes from a select op (Refiner): the
+# reference's value check of idx would synchronise with the device.
+
+def run_select_sampling(backend: str, err, k: int, prevent_oversampling: bool):
+    if backend == "reference":
+        return reference.select_sampling(err, k, prevent_oversampling)
+    return torch.ops.pymatting_ext.select_sampling(err, k, prevent_oversampling)
+
+
+def run_select_thresholding(backend: str, err, threshold: float):
+    if backend == "reference":
+        return reference.select_thresholding(err, threshold)
+    return torch.ops.pymatting_ext.select_thresholding(err, threshold)
+
+
+def run_crop(backend: str, inputs, idx, stride: int, padding: int, image_size, patch_size=None):
+    if patch_size is None:
+        patch_size = (stride + 2 * padding,) * 2
+    if backend == "reference":
+        return reference.crop(inputs, idx, stride, padding, tuple(image_size), tuple(patch_size))
+    return torch.ops.pymatting_ext.crop(inputs, idx, stride, padding, list(image_size), list(patch_size))
+
+
+def run_replace(backend: str, x, patches, idx, valid):
+    if backend == "reference":
+        return reference.replace(x, patches, idx, valid)
+    return torch.ops.pymatting_ext.replace(x, patches, idx, valid)
+
+
+def run_compose(backend: str, coarse, patches, idx, valid, size, src=None):
+    if backend == "reference":
+        return reference.compose(coarse, patches, idx, valid, tuple(size), src)
     return torch.ops.pymatting_ext.compose(coarse, patches, idx, valid, list(size), src)

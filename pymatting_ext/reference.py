@@ -66,35 +66,29 @@ def crop(inputs: Sequence[torch.Tensor], idx: torch.Tensor, stride: int, padding
     return patches.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
-def _winners(idx: torch.Tensor, valid: Optional[torch.Tensor], cells: Tuple[int, int, int]) -> torch.Tensor:
-    """Mask of the patches that end up in the output: valid ones, and of
-    several naming one cell, the last (as a sequential scatter)."""
-    B, Hc, Wc = cells
-    P = idx.shape[0]
-    order = torch.arange(P, device=idx.device)
-    if valid is not None:
-        order = torch.where(valid, order, torch.full_like(order, -1))
-    key = (idx[:, 0] * Hc + idx[:, 1]) * Wc + idx[:, 2]
-    last = torch.full((B * Hc * Wc,), -1, dtype=torch.long, device=idx.device)
-    last = last.scatter_reduce(0, key, order, reduce="amax")
-    return (last[key] == order) & (order >= 0)
-
-
 def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
             valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A copy of x (B, C, H, W) with cell (y, x) of image b replaced by patch p
     (P, C, s, s), for every valid p; of several patches for one cell the last
-    wins."""
+    wins. Written as a per-pixel gather, so it never synchronises."""
     B, C, H, W = x.shape
-    s = patches.shape[-1]
-    keep = _winners(idx, valid, (B, H // s, W // s))
-    idx, patches = idx[keep], patches[keep]
-    b, cy, cx = idx.unbind(1)
-    rows = cy[:, None] * s + torch.arange(s, device=x.device)
-    cols = cx[:, None] * s + torch.arange(s, device=x.device)
-    out = x.clone()
-    out[b[:, None, None], :, rows[:, :, None], cols[:, None, :]] = patches.permute(0, 2, 3, 1)
-    return out
+    P, s = patches.shape[0], patches.shape[-1]
+    if P == 0:
+        return x.clone()
+    # owner[b, y, x]: the last valid patch naming the cell, or -1.
+    order = torch.arange(P, device=x.device)
+    if valid is not None:
+        order = torch.where(valid, order, torch.full_like(order, -1))
+    cell = (idx[:, 0] * (H // s) + idx[:, 1]) * (W // s) + idx[:, 2]
+    owner = torch.full((B * (H // s) * (W // s),), -1, dtype=torch.long, device=x.device)
+    owner = owner.scatter_reduce(0, cell, order, reduce="amax").view(B, H // s, W // s)
+    owner = owner.repeat_interleave(s, 1).repeat_interleave(s, 2)  # (B, H, W)
+    ys = torch.arange(H, device=x.device) % s
+    xs = torch.arange(W, device=x.device) % s
+    channels = torch.arange(C, device=x.device)
+    values = patches[owner.clamp(min=0)[:, None], channels[None, :, None, None],
+                     ys[None, None, :, None], xs[None, None, None, :]]
+    return torch.where((owner >= 0)[:, None], values, x)
 
 
 def compose(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,

@@ -182,10 +182,10 @@ class Refiner(nn.Module):
         if self.mode == "full":
             whole = torch.zeros((B, 3), dtype=torch.long, device=src.device)
             whole[:, 0] = torch.arange(B, device=src.device)
-            x = ops.crop([hid, pha, fgr, src, bgr], whole, 1, p, (H // 2, W // 2),
-                         (H // 2 + 2 * p, W // 2 + 2 * p), backend=patch_backend)
+            x = ops.run_crop(patch_backend, [hid, pha, fgr, src, bgr], whole, 1, p, (H // 2, W // 2),
+                             (H // 2 + 2 * p, W // 2 + 2 * p))
             x = F.interpolate(stage1(x), (H + 2 * q, W + 2 * q), mode="nearest")
-            y = ops.crop([src, bgr], whole, 1, q, (H, W), (H + 2 * q, W + 2 * q), backend=patch_backend)
+            y = ops.run_crop(patch_backend, [src, bgr], whole, 1, q, (H, W), (H + 2 * q, W + 2 * q))
             # Contiguous, so that pha and fgr are views with upstream's strides.
             out = stage2(torch.cat([x, y], 1)).contiguous()
             ref = torch.ones((B, 1, H // 4, W // 4), dtype=src.dtype, device=src.device)
@@ -194,20 +194,20 @@ class Refiner(nn.Module):
         err_q = F.interpolate(err, (H // 4, W // 4), mode="bilinear", align_corners=False)
         valid: Optional[torch.Tensor] = None
         if self.mode == "sampling":
-            ref, idx, valid = ops.select_sampling(err_q, self.sample_pixels // 16, self.prevent_oversampling,
-                                                  backend=backend)
+            k = min(self.sample_pixels // 16, (H // 4) * (W // 4))
+            ref, idx, valid = ops.run_select_sampling(backend, err_q, k, bool(self.prevent_oversampling))
             if self.training or records_grad:
                 # BatchNorm's batch statistics (and the gradients) must see the
                 # valid patches only, as upstream's; this synchronises.
                 idx, valid = idx[valid], None
         else:
-            ref, idx = ops.select_thresholding(err_q, self.threshold, backend=backend)
+            ref, idx = ops.run_select_thresholding(backend, err_q, float(self.threshold))
         coarse = torch.cat([pha, fgr], 1)
 
         def patches(rows):
-            x = ops.crop([hid, pha, fgr, src, bgr], rows, 2, p, (H // 2, W // 2), backend=patch_backend)
+            x = ops.run_crop(patch_backend, [hid, pha, fgr, src, bgr], rows, 2, p, (H // 2, W // 2))
             x = F.interpolate(stage1(x), 8 if k3 else 4, mode="nearest")
-            y = ops.crop([src, bgr], rows, 4, q, (H, W), backend=patch_backend)
+            y = ops.run_crop(patch_backend, [src, bgr], rows, 4, q, (H, W))
             return stage2(torch.cat([x, y], 1))
 
         P = idx.shape[0]
@@ -222,7 +222,7 @@ class Refiner(nn.Module):
             # CPU runs them in chunks whose intermediates stay in cache and in
             # the malloc heap, instead of ~100 MB of fresh pages per frame.
             x = torch.cat([patches(idx[i:i + chunk]) for i in range(0, P, chunk)])
-        out = ops.compose(coarse, x, idx, valid, (H, W), backend=patch_backend)
+        out = ops.run_compose(patch_backend, coarse, x, idx, valid, (H, W))
         return out[:, :1], out[:, 1:], ref
 
     #: Patches per chunk on the CPU in eval mode (see forward).
