@@ -1,0 +1,19 @@
+import pytest
+import torch
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+#: Devices every parametrised test runs on; CUDA only where a GPU is present.
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def compiled_backends(device):
+    """The compiled backends that run on `device` ('reference' excluded)."""
+    return ["cpu"] if device == "cpu" else []
