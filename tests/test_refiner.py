@@ -1,0 +1,311 @@
+"""Refiner against upstream's Refiner (backgroundmattingv2==1.0) with the
+same weights: every mode, both kernel sizes, prevent_oversampling on and off,
+several resolutions and backbone scales, batch > 1, both backends, eval and
+training, dtypes, and the compatibility arguments."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pymatting_ext as pm
+from pymatting_ext import reference
+
+from conftest import DEVICES
+from helpers import quarter_err, random_bn_, refiner_inputs
+
+Upstream = pytest.importorskip("BackgroundMattingV2.model.refiner").Refiner
+
+MODES = ["sampling", "thresholding", "full"]
+# (H, W, backbone_scale): coarse size is int(H * scale) as MattingRefine's
+# interpolate(scale_factor, recompute_scale_factor=True) gives.
+SIZES = [(64, 96, 0.25), (120, 164, 0.25), (96, 128, 0.125), (100, 76, 0.5), (36, 52, 0.25)]
+
+
+def pair(mode, sample_pixels=2000, threshold=0.4, kernel_size=3, prevent=True, backend="auto",
+         device="cpu", **kw):
+    up = random_bn_(Upstream(mode, sample_pixels, threshold, kernel_size, prevent)).to(device)
+    ours = pm.Refiner(mode, sample_pixels, threshold, kernel_size, prevent, backend=backend, **kw).to(device)
+    ours.load_state_dict(up.state_dict(), strict=True)
+    return up, ours
+
+
+def inputs(B, H, W, scale, device="cpu", dtype=torch.float32, err=None):
+    return refiner_inputs(B, H, W, int(H * scale), int(W * scale), device, dtype, err)
+
+
+def check_outputs(a, b, atol=1e-5):
+    assert len(a) == len(b) == 3
+    for name, u, o in zip(("pha", "fgr", "ref"), a, b):
+        assert u.shape == o.shape and u.dtype == o.dtype and u.device == o.device, name
+    assert torch.equal(a[2], b[2]), "ref"
+    for name, u, o in zip(("pha", "fgr"), a[:2], b[:2]):
+        # Random weights give outputs up to |x| ~ 10: scale the bound.
+        bound = atol * max(1.0, float(u.detach().abs().max()))
+        diff = float((u - o).detach().abs().max())
+        assert diff <= bound, f"{name}: max abs diff {diff:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kernel_size", [3, 1])
+@pytest.mark.parametrize("prevent", [True, False])
+@pytest.mark.parametrize("H,W,scale", SIZES)
+@pytest.mark.parametrize("B", [1, 2])
+def test_eval_matches_upstream(device, backend, mode, kernel_size, prevent, H, W, scale, B):
+    up, ours = pair(mode, 1600, 0.4, kernel_size, prevent, backend, device)
+    up.eval(), ours.eval()
+    x = inputs(B, H, W, scale, device)
+    with torch.no_grad():
+        check_outputs(up(*x), ours(*x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eval_with_grad_enabled_matches_upstream(mode):
+    # Parameters require grad and no no_grad(): the differentiable path.
+    up, ours = pair(mode)
+    up.eval(), ours.eval()
+    x = inputs(2, 64, 96, 0.25)
+    check_outputs(up(*x), ours(*x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_refine_matches_upstream(mode):
+    up, _ = pair(mode)
+    up.eval()
+    x = inputs(2, 120, 164, 0.25)
+    with torch.no_grad():
+        check_outputs(up(*x), reference.refine(up, *x))
+
+
+@pytest.mark.parametrize("crop", ["unfold", "roi_align", "gather"])
+@pytest.mark.parametrize("replace", ["scatter_nd", "scatter_element"])
+def test_compatibility_methods_give_the_same_result(crop, replace):
+    up, ours = pair("sampling")
+    up.eval(), ours.eval()
+    other = pm.Refiner("sampling", 2000, 0.4, patch_crop_method=crop, patch_replace_method=replace).eval()
+    other.load_state_dict(ours.state_dict())
+    x = inputs(3, 64, 96, 0.25)  # batch > 1, where upstream's gather/scatter_element mix up images
+    with torch.no_grad():
+        want = up(*x)
+        got = other(*x)
+    check_outputs(want, got)
+
+
+def test_ties_follow_the_lower_index_rule():
+    # Quantised error: many ties at the k-th value.
+    H, W = 64, 96
+    err = (torch.rand(2, 1, 16, 24) * 4).floor() / 4
+    up, ours = pair("sampling", 16 * 100, prevent=True)
+    up.eval(), ours.eval()
+    x = inputs(2, H, W, 0.25, err=err)
+    with torch.no_grad():
+        a, b = up(*x), ours(*x)
+    err_q = quarter_err(err, H, W)
+    ref_rule, _, _ = reference.select_sampling(err_q, 100, True)
+    assert torch.equal(b[2], ref_rule)
+    # Where upstream and ours disagree, the cells hold the tied k-th value.
+    flat = err_q.view(2, -1)
+    kth = flat.topk(100, dim=1).values[:, -1]
+    differ = (a[2] != b[2]).view(2, -1)
+    assert bool((flat[differ] == kth[:, None].expand_as(flat)[differ]).all())
+    # Outputs agree wherever both refined or both did not.
+    same = (a[2] == b[2]).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    assert float(((a[0] - b[0]).abs() * same).max()) <= 1e-5 * max(1.0, float(a[0].abs().max()))
+
+
+def test_threshold_values_exactly_at_the_threshold():
+    H, W = 64, 96
+    err = torch.full((1, 1, 16, 24), 0.1)
+    err[0, 0, ::2] = 0.3
+    up, ours = pair("thresholding", threshold=0.1)
+    up.eval(), ours.eval()
+    x = inputs(1, H, W, 0.25, err=err)
+    with torch.no_grad():
+        a, b = up(*x), ours(*x)
+    check_outputs(a, b)
+    assert 0 < float(b[2].sum()) < b[2].numel()
+
+
+def test_more_samples_than_cells_refines_everything():
+    up, ours = pair("sampling", sample_pixels=10 ** 7, prevent=False)
+    ours.eval()
+    x = inputs(2, 32, 48, 0.25)
+    with torch.no_grad():
+        pha, fgr, ref = ours(*x)
+        with pytest.raises(RuntimeError):
+            up.eval()(*x)  # upstream's topk cannot take more than there is
+        full_k = pm.Refiner("sampling", 16 * 8 * 12, 0.1, prevent_oversampling=False).eval()
+        full_k.load_state_dict(ours.state_dict())
+        want = full_k(*x)
+    assert bool((ref == 1).all())
+    check_outputs(want, (pha, fgr, ref))
+
+
+@pytest.mark.parametrize("mode", ["sampling", "thresholding"])
+def test_nothing_to_refine(mode):
+    up, ours = pair(mode, sample_pixels=15, threshold=2.0)
+    up.eval(), ours.eval()
+    x = inputs(2, 32, 48, 0.25)
+    with torch.no_grad():
+        a, b = up(*x), ours(*x)
+    check_outputs(a, b)
+    assert float(b[2].sum()) == 0
+
+
+def test_zero_error_cells_are_not_refined_with_prevent_oversampling():
+    err = torch.zeros(1, 1, 16, 24)
+    err[0, 0, 3:5, 4:9] = torch.rand(2, 5) + 0.1
+    up, ours = pair("sampling", sample_pixels=16 * 50, prevent=True)
+    up.eval(), ours.eval()
+    x = inputs(1, 64, 96, 0.25, err=err)
+    with torch.no_grad():
+        a, b = up(*x), ours(*x)
+    check_outputs(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kernel_size", [3, 1])
+def test_training_matches_upstream(mode, kernel_size):
+    up, ours = pair(mode, kernel_size=kernel_size)
+    up.train(), ours.train()
+    x = [t.double() for t in inputs(2, 64, 96, 0.25)]
+    up.double(), ours.double()
+    xa = [t.clone().requires_grad_() for t in x]
+    xb = [t.clone().requires_grad_() for t in x]
+    a, b = up(*xa), ours(*xb)
+    check_outputs(a, b, atol=1e-12)
+    # A smooth loss, so that float rounding cannot flip a gradient's sign.
+    (a[0].square().sum() + a[1].square().mean()).backward()
+    (b[0].square().sum() + b[1].square().mean()).backward()
+    for (name, p), q in zip(up.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
+    for name, u, o in zip(("src", "bgr", "pha", "fgr", "err", "hid"), xa, xb):
+        assert (u.grad is None) == (o.grad is None), name
+        if u.grad is not None:
+            torch.testing.assert_close(o.grad, u.grad, rtol=1e-10, atol=1e-10, msg=name)
+    for (name, u), o in zip(up.named_buffers(), ours.buffers()):
+        torch.testing.assert_close(o, u, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_training_fp32_matches_upstream(mode):
+    up, ours = pair(mode)
+    up.train(), ours.train()
+    x = inputs(2, 64, 96, 0.25)
+    with torch.no_grad():
+        check_outputs(up(*x), ours(*x), atol=5e-5)
+    for (name, u), o in zip(up.named_buffers(), ours.buffers()):
+        torch.testing.assert_close(o.float(), u.float(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fp32_error_no_worse_than_upstreams(mode):
+    up, ours = pair(mode)
+    up.eval(), ours.eval()
+    x = inputs(2, 120, 164, 0.25)
+    with torch.no_grad():
+        up64 = Upstream(mode, 2000, 0.4).eval()
+        up64.load_state_dict(up.state_dict())
+        exact = up64.double()(*[t.double() for t in x])
+        a, b = up(*x), ours(*x)
+    for i in range(2):
+        e_up = float((a[i].double() - exact[i]).abs().max())
+        e_ours = float((b[i].double() - exact[i]).abs().max())
+        assert e_ours <= 2 * e_up + 1e-7, (i, e_ours, e_up)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float64_is_bit_exact_with_upstream(mode):
+    up, ours = pair(mode)
+    up.eval().double(), ours.eval().double()
+    x = [t.double() for t in inputs(2, 64, 96, 0.25)]
+    with torch.no_grad():
+        check_outputs(up(*x), ours(*x), atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", ["thresholding", "full"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)])
+def test_reduced_precision_close_to_upstream(mode, dtype, tol):
+    # Sampling in half precision is left out: quantised errors tie, and
+    # upstream breaks ties arbitrarily.
+    up, ours = pair(mode)
+    up.eval().to(dtype), ours.eval().to(dtype)
+    x = inputs(2, 64, 96, 0.25, dtype=dtype)
+    with torch.no_grad():
+        a, b = up(*x), ours(*x)
+    assert torch.equal(a[2], b[2]) and b[0].dtype == dtype
+    for u, o in zip(a[:2], b[:2]):
+        assert float((u.float() - o.float()).abs().max()) <= tol * max(1.0, float(u.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_sampling_close_to_fp32(dtype):
+    # Continuous error keeps ties rare; compare with our own fp32 result.
+    _, ours = pair("sampling", prevent=False)
+    ours.eval()
+    x = inputs(1, 64, 96, 0.25)
+    with torch.no_grad():
+        want = ours(*x)
+        got = ours.to(dtype)(*[t.to(dtype) for t in x])
+    same = (want[2] == got[2].float()).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    assert float(same.float().mean()) > 0.9
+    for u, o in zip(want[:2], got[:2]):
+        err = ((u - o.float()).abs() * same).max()
+        assert float(err) <= 5e-2 * max(1.0, float(u.abs().max()))
+
+
+def test_state_dict_moves_both_ways():
+    up, ours = pair("sampling")
+    assert list(up.state_dict()) == list(ours.state_dict())
+    back = Upstream("sampling", 2000, 0.4)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    for k, v in up.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+
+
+def test_swapping_the_refiner_of_an_upstream_model():
+    from BackgroundMattingV2.model import MattingRefine
+
+    model = MattingRefine("mobilenetv2", backbone_scale=0.25, refine_mode="sampling",
+                          refine_sample_pixels=3200).eval()
+    random_bn_(model.refiner)
+    x = (torch.rand(1, 3, 64, 96), torch.rand(1, 3, 64, 96))
+    with torch.no_grad():
+        want = model(*x)
+        old = model.refiner
+        new = pm.Refiner(old.mode, old.sample_pixels, old.threshold, old.kernel_size, old.prevent_oversampling,
+                         old.patch_crop_method, old.patch_replace_method)
+        new.load_state_dict(old.state_dict())
+        model.refiner = new.eval()
+        got = model(*x)
+    for u, o in zip(want, got):
+        assert u.shape == o.shape and u.dtype == o.dtype
+        assert float((u - o).abs().max()) <= 1e-5
+
+
+def test_sampling_eval_shapes_depend_on_k_only(monkeypatch):
+    # With prevent_oversampling, invalid (zero-error) patches are computed and
+    # skipped by compose: the patch count is k whatever the data, so nothing
+    # waits on the device. BatchNorm is folded: its modules are not called.
+    _, ours = pair("sampling", sample_pixels=16 * 40, prevent=True)
+    ours.eval()
+    err = torch.zeros(1, 1, 16, 24)
+    err[0, 0, 0, :5] = 1.0
+    counts = []
+    real = pm.ops.run_crop
+
+    def spy(backend, inputs, idx, *args):
+        counts.append(idx.shape[0])
+        return real(backend, inputs, idx, *args)
+
+    monkeypatch.setattr(pm.ops, "run_crop", spy)
+    called = []
+    handle = ours.bn1.register_forward_hook(lambda *a: called.append(1))
+    try:
+        with torch.no_grad():
+            _, _, ref = ours(*inputs(1, 64, 96, 0.25, err=err))
+    finally:
+        handle.remove()
+    assert float(ref.sum()) == 5
+    assert sum(counts) == 2 * 40
+    assert called == []
