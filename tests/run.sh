@@ -15,7 +15,8 @@ fi
 "$PY" -m pip install -q ninja pybind11 pytest "backgroundmattingv2==1.0"
 "$PY" -m pip install -q --no-deps --no-build-isolation --force-reinstall -v . > build.log 2>&1 \
     || { tail -n 60 build.log; exit 1; }
-grep -A7 "pymatting_ext build configuration" build.log | head -n 8
+# What was built (from outside the source tree, so the installed copy loads).
+(cd / && "$PY" -c "import pymatting_ext, pprint; pprint.pprint(pymatting_ext.build_info())")
 
 # From inside tests/, so that `import pymatting_ext` is the installed package,
 # not the source folder.
