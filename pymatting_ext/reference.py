@@ -33,7 +33,7 @@ def select_sampling(err: torch.Tensor, k: int, prevent_oversampling: bool):
     selected = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, chosen, True)
     ref = (selected & positive).to(err.dtype).reshape(B, 1, H, W)
     valid = positive.gather(1, chosen).reshape(-1)
-    batch = torch.arange(B, device=err.device).repeat_interleave(k)
+    batch = torch.arange(B * k, device=err.device) // max(k, 1)
     chosen = chosen.reshape(-1)
     idx = torch.stack([batch, chosen // W, chosen % W], dim=1)
     return ref, idx, valid
@@ -82,9 +82,10 @@ def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
     cell = (idx[:, 0] * (H // s) + idx[:, 1]) * (W // s) + idx[:, 2]
     owner = torch.full((B * (H // s) * (W // s),), -1, dtype=torch.long, device=x.device)
     owner = owner.scatter_reduce(0, cell, order, reduce="amax").view(B, H // s, W // s)
-    owner = owner.repeat_interleave(s, 1).repeat_interleave(s, 2)  # (B, H, W)
-    ys = torch.arange(H, device=x.device) % s
-    xs = torch.arange(W, device=x.device) % s
+    ys = torch.arange(H, device=x.device)
+    xs = torch.arange(W, device=x.device)
+    owner = owner[:, ys // s][:, :, xs // s]  # (B, H, W)
+    ys, xs = ys % s, xs % s
     channels = torch.arange(C, device=x.device)
     values = patches[owner.clamp(min=0)[:, None], channels[None, :, None, None],
                      ys[None, None, :, None], xs[None, None, None, :]]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import pymatting_ext as pm
 from pymatting_ext import reference
 
-from conftest import DEVICES
+from conftest import DEVICES, needs_cuda
 from helpers import quarter_err, random_bn_, refiner_inputs
 
 Upstream = pytest.importorskip("BackgroundMattingV2.model.refiner").Refiner
@@ -309,3 +309,21 @@ def test_sampling_eval_shapes_depend_on_k_only(monkeypatch):
     assert float(ref.sum()) == 5
     assert sum(counts) == 2 * 40
     assert called == []
+
+
+@needs_cuda
+@pytest.mark.parametrize("prevent", [True, False])
+def test_sampling_eval_on_cuda_never_synchronises(prevent):
+    up, ours = pair("sampling", prevent=prevent, device="cuda")
+    up.eval(), ours.eval()
+    x = inputs(2, 120, 164, 0.25, device="cuda")
+    with torch.no_grad():
+        want = up(*x)
+        ours(*x)  # warm-up: first calls may initialise libraries
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = ours(*x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    check_outputs(want, got)
