@@ -12,9 +12,11 @@ found; no GPU is needed to build them. Environment variables:
 """
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -77,6 +79,31 @@ def pip_cuda_include_dirs():
     return unique
 
 
+def libstdcxx_link_args(cxx):
+    """Extra link arguments so that the extension uses the shared libstdc++.
+
+    NB: some toolchains (a g++ wrapper with its own -B folders) find only
+    libstdc++.a and link it into the extension; a C++ exception raised in
+    torch's libraries (every TORCH_CHECK) then crashes the process instead of
+    reaching Python. There, link the libstdc++ that torch itself has loaded.
+    Call after importing torch."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        found = subprocess.run(shlex.split(cxx) + ["-print-file-name=libstdc++.so"],
+                               capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if os.path.isabs(found) and os.path.exists(found):
+        return []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if os.path.basename(path).startswith("libstdc++.so") and os.path.exists(path):
+                return [path]
+    return []
+
+
 def build_extension_config():
     cuda_home, cuda_how = find_cuda_home()
     if cuda_home:
@@ -100,6 +127,9 @@ def build_extension_config():
         with_cuda, why = True, f"toolkit {cuda_home} ({cuda_how})"
     if want == "1" and not with_cuda:
         raise RuntimeError(f"PYMATTING_EXT_CUDA=1 but the CUDA sources cannot be built: {why}")
+
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    link_args = ["-fopenmp"] + libstdcxx_link_args(cxx)
 
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -128,6 +158,7 @@ def build_extension_config():
         "cuda_home": cuda_home if with_cuda else None,
         "arch_list": arch_list,
         "reason": why,
+        "link_args": link_args,
     }
     print("pymatting_ext build configuration:")
     for key, value in config.items():
@@ -146,7 +177,7 @@ def build_extension_config():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_args,
     )
     return ext, cpp_extension.BuildExtension.with_options(use_ninja=True)
 
