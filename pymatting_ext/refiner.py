@@ -211,7 +211,7 @@ class Refiner(nn.Module):
             return stage2(torch.cat([x, y], 1))
 
         P = idx.shape[0]
-        chunk = self._chunk_size(src.device, folded)
+        chunk = self._chunk_size(patch_backend, folded)
         if self.training and P == 0:
             # As upstream: no patches, so BatchNorm sees no (empty) batch.
             x = coarse.new_empty((0, 4, 4, 4))
@@ -228,7 +228,9 @@ class Refiner(nn.Module):
     #: Patches per chunk on the CPU in eval mode (see forward).
     cpu_chunk_patches = 512
 
-    def _chunk_size(self, device: torch.device, folded: bool) -> Optional[int]:
-        if not folded or device.type != "cpu" or torch.compiler.is_compiling():
+    def _chunk_size(self, backend: str, folded: bool) -> Optional[int]:
+        # Only the C++ CPU kernels gain: the reference resizes whole images
+        # per call.
+        if not folded or backend != "cpu" or torch.compiler.is_compiling():
             return None
         return self.cpu_chunk_patches
