@@ -31,51 +31,66 @@ def build(setting, device, dtype):
 
 
 def breakdown(refiner, x, device, repeat):
-    """Our refiner's steps, timed one by one exactly as forward runs them."""
+    """Our refiner's steps (backend as the refiner resolves it, BatchNorm
+    folded), each timed on its own over all P patches at once (the CPU path of
+    forward runs crop + convolutions in chunks of 512 patches; that is not
+    reproduced here, so the parts need not add up to the whole refiner):
+
+      select        bilinear resize of err to H/4 x W/4 + select_sampling
+      crop          crop of [hid, pha, fgr, src, bgr] at half resolution
+                    (stride 2, padding 3) + crop of [src, bgr] at full
+                    resolution (stride 4, padding 2)
+      convolutions  conv1 + relu, conv2 + relu, nearest upsample to 8x8,
+                    cat with the full-res crop, conv3 + relu, conv4, on the
+                    crop outputs as crop returns them (channels-last)
+      compose       upsample of cat(pha, fgr) with the patches written in
+    """
     src, bgr, pha, fgr, err, hid = x
     H, W = src.shape[2:]
     backend = pymatting_ext._backend.resolve(refiner.backend, src.device)
-    stage1, stage2 = refiner._layers(True)
     k = min(refiner.sample_pixels // 16, (H // 4) * (W // 4))
-
-    def select():
-        err_q = F.interpolate(err, (H // 4, W // 4), mode="bilinear", align_corners=False)
-        return ops.run_select_sampling(backend, err_q, k, False)
-
-    _, idx, valid = select()
-    chunk = refiner._chunk_size(backend, True) or idx.shape[0]
-    pieces = [idx[i:i + chunk] for i in range(0, idx.shape[0], chunk)]
-
-    def crops():
-        return [(ops.run_crop(backend, [hid, pha, fgr, src, bgr], rows, 2, 3, (H // 2, W // 2)),
-                 ops.run_crop(backend, [src, bgr], rows, 4, 2, (H, W))) for rows in pieces]
-
-    cropped = crops()
-
-    def convs():
-        return torch.cat([stage2(torch.cat([F.interpolate(stage1(a), 8, mode="nearest"), b], 1))
-                          for a, b in cropped])
-
-    patches = convs()
-    coarse = torch.cat([pha, fgr], 1)
-
-    def compose():
-        return ops.run_compose(backend, coarse, patches, idx, valid, (H, W))
-
-    steps = {"select (incl. err resize)": select, "crop (both)": crops,
-             "convolutions (+relu, upsample, cat)": convs, "compose": compose}
     with torch.no_grad():
-        return {name: timeit(fn, device, repeat)["median_ms"] for name, fn in steps.items()}
+        stage1, stage2 = refiner._layers(True)  # conv weights folded with BN (_fold)
+
+        def select():
+            err_q = F.interpolate(err, (H // 4, W // 4), mode="bilinear", align_corners=False)
+            return ops.run_select_sampling(backend, err_q, k, refiner.prevent_oversampling)
+
+        _, idx, valid = select()
+
+        def crops():
+            return (ops.run_crop(backend, [hid, pha, fgr, src, bgr], idx, 2, 3, (H // 2, W // 2)),
+                    ops.run_crop(backend, [src, bgr], idx, 4, 2, (H, W)))
+
+        half, full = crops()
+
+        def convs():
+            return stage2(torch.cat([F.interpolate(stage1(half), 8, mode="nearest"), full], 1))
+
+        patches = convs()
+        coarse = torch.cat([pha, fgr], 1)
+
+        def compose():
+            return ops.run_compose(backend, coarse, patches, idx, valid, (H, W))
+
+        steps = {"err resize + select": select, "crop (half-res + full-res)": crops,
+                 "convolutions (+relu, upsample, cat)": convs, "compose": compose}
+        parts = {name: timeit(fn, device, repeat=repeat)["median_ms"] for name, fn in steps.items()}
+    return parts, int(idx.shape[0])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="3 repeats")
+    parser.add_argument("--repeat", type=int, default=None, help="timed calls per measurement "
+                        "(default 7 on CUDA, 5 on the CPU)")
+    parser.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up")
     args = parser.parse_args()
-    repeat = 3 if args.quick else args.repeat
+    if args.dtype != "float32" and torch.device(args.device).type != "cuda":
+        parser.error(f"--dtype {args.dtype} is for CUDA only")
+    repeat = 3 if args.quick else args.repeat or (7 if torch.device(args.device).type == "cuda" else 5)
+    warmup = 1 if args.quick else 2
     dtype = getattr(torch, args.dtype)
     info = device_info(args.device)
     print(f"device: {info['device_name']} ({args.device}, {info['threads']} threads), torch {info['torch']}, "
@@ -89,7 +104,7 @@ def main():
         timings, outputs = {}, {}
         with torch.no_grad():
             for label, model in providers.items():
-                timings[label] = timeit(lambda: model(*x), args.device, repeat)
+                timings[label] = timeit(lambda: model(*x), args.device, warmup=warmup, repeat=repeat)
                 outputs[label] = model(*x)
         base = timings["upstream"]["median_ms"]
         for label, t in timings.items():
@@ -99,18 +114,25 @@ def main():
                          f"{base / t['median_ms']:.2f}x", f"{diff:.1e}"])
             t["speedup_vs_upstream"] = base / t["median_ms"]
             t["max_abs_diff_vs_upstream"] = diff
-        parts = breakdown(providers["ours (auto)"], x, args.device, repeat)
+        parts, P = breakdown(providers["ours (auto)"], x, args.device, repeat)
         total = sum(parts.values())
         for part, ms in parts.items():
             brows.append([name, part, f"{ms:.1f}", f"{100 * ms / total:.0f}%"])
         conv = parts["convolutions (+relu, upsample, cat)"]
-        brows.append([name, "=> convolutions vs everything else", f"{conv:.1f} / {total - conv:.1f}", ""])
-        results[name] = {"setting": setting, "timings": timings, "breakdown_ms": parts}
+        brows.append([name, "convolutions vs everything else", f"{conv:.1f} vs {total - conv:.1f}",
+                      f"{100 * conv / total:.0f}% vs {100 * (total - conv) / total:.0f}%"])
+        brows.append([name, "sum of the steps", f"{total:.1f}", ""])
+        brows.append([name, "(whole refiner, forward)", f"{timings['ours (auto)']['median_ms']:.1f}", ""])
+        results[name] = {"setting": {**setting, "patches": P}, "timings": timings, "breakdown_ms": parts}
+        del providers, x
 
     print_table("Refiner (eval, sampling, prevent_oversampling=False, kernel 3, batch 1)",
                 ["setting", "provider", "median ms", "IQR ms", "speed-up", "max |diff|"], rows)
     print_table("Where our time goes (backend auto)", ["setting", "step", "ms", "share"], brows)
-    path = write_json(f"refiner_{args.dtype}", args.device, {"info": info, "dtype": args.dtype, "results": results})
+    settings = {"mode": "sampling", "kernel_size": 3, "prevent_oversampling": False, "batch": 1,
+                "dtype": args.dtype, "repeat": repeat, "warmup": warmup, "settings": SETTINGS}
+    path = write_json(f"refiner_{args.dtype}", {"info": info, "dtype": args.dtype, "settings": settings,
+                                                 "results": results})
     print(f"\nwrote {path}")
 
 

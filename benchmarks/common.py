@@ -26,9 +26,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timeit(fn, device, repeat=7, warmup=2):
-    """Median and interquartile range of fn's wall time in ms (the device
-    synchronised around each call)."""
+def timeit(fn, device, warmup=2, repeat=7):
+    """Median and interquartile range (q3 - q1) of fn's wall time in ms, over
+    ``repeat`` calls after ``warmup`` untimed ones; on CUDA the device is
+    synchronised before and after each call."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -61,6 +62,8 @@ def device_info(device):
         "device": str(device),
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
+        # PyTorch's default lets cuDNN run fp32 convolutions in TF32.
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "python": platform.python_version(),
@@ -70,9 +73,16 @@ def device_info(device):
     }
 
 
-def write_json(name, device, payload):
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
-    folder = os.path.join(HERE, "results", f"{torch.device(device).type}-{slug}")
+def device_slug(info):
+    """results/ folder name: device type and name, e.g. cpu-intel-r-xeon-r-processor."""
+    name = re.sub(r"[^A-Za-z0-9]+", "-", info["device_name"]).strip("-").lower()
+    return f"{torch.device(info['device']).type}-{name}"
+
+
+def write_json(name, payload):
+    """Writes payload (which holds device_info's dict under "info") to
+    benchmarks/results/<device slug>/<name>.json; returns the path."""
+    folder = os.path.join(HERE, "results", device_slug(payload["info"]))
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name}.json")
     with open(path, "w") as f:
@@ -81,6 +91,7 @@ def write_json(name, device, payload):
 
 
 def print_table(title, header, rows):
+    """Prints rows (lists of str) under a header, columns padded to width."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     print(f"\n{title}")
     print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
