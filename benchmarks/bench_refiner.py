@@ -32,9 +32,8 @@ def build(setting, device, dtype):
 
 def breakdown(refiner, x, device, repeat):
     """Our refiner's steps (backend as the refiner resolves it, BatchNorm
-    folded), each timed on its own over all P patches at once (the CPU path of
-    forward runs crop + convolutions in chunks of 512 patches; that is not
-    reproduced here, so the parts need not add up to the whole refiner):
+    folded), each timed on its own, run exactly as forward runs them (on the
+    CPU, crop and convolutions go in chunks of Refiner.cpu_chunk_patches):
 
       select        bilinear resize of err to H/4 x W/4 + select_sampling
       crop          crop of [hid, pha, fgr, src, bgr] at half resolution
@@ -57,15 +56,18 @@ def breakdown(refiner, x, device, repeat):
             return ops.run_select_sampling(backend, err_q, k, refiner.prevent_oversampling)
 
         _, idx, valid = select()
+        chunk = refiner._chunk_size(backend, True) or max(idx.shape[0], 1)
+        pieces = [idx[i:i + chunk] for i in range(0, idx.shape[0], chunk)]
 
         def crops():
-            return (ops.run_crop(backend, [hid, pha, fgr, src, bgr], idx, 2, 3, (H // 2, W // 2)),
-                    ops.run_crop(backend, [src, bgr], idx, 4, 2, (H, W)))
+            return [(ops.run_crop(backend, [hid, pha, fgr, src, bgr], rows, 2, 3, (H // 2, W // 2)),
+                     ops.run_crop(backend, [src, bgr], rows, 4, 2, (H, W))) for rows in pieces]
 
-        half, full = crops()
+        cropped = crops()
 
         def convs():
-            return stage2(torch.cat([F.interpolate(stage1(half), 8, mode="nearest"), full], 1))
+            return torch.cat([stage2(torch.cat([F.interpolate(stage1(half), 8, mode="nearest"), full], 1))
+                              for half, full in cropped])
 
         patches = convs()
         coarse = torch.cat([pha, fgr], 1)
