@@ -1,14 +1,25 @@
 """Upstream's Refiner against ours, side by side in one process.
 
-    python bench_refiner.py [--device cpu|cuda] [--dtype float32|float16] [--repeat N] [--quick]
+    python bench_refiner.py [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--repeat N] [--quick]
 
-Eval mode, no_grad, mode='sampling', kernel_size=3, prevent_oversampling=False
-(upstream's speed-test setting), batch 1, at HD (1920x1080, backbone_scale
-0.25, 80,000 pixels) and 4K (3840x2160, 0.125, 320,000). Prints medians and
-the speed-up, then where our time goes (select / crop / convolutions /
-compose), and writes JSON under results/.
+Eval mode, torch.no_grad(), mode='sampling', kernel_size=3,
+prevent_oversampling=False (upstream's speed-test setting), batch 1, random
+inputs, at HD (1080 x 1920, backbone_scale 0.25, sample_pixels 80,000) and 4K
+(2160 x 3840, 0.125, 320,000); the coarse maps are 270 x 480 in both. Our
+refiners load upstream's state_dict (its BatchNorm layers hold random running
+statistics, so that folding them is exercised).
+
+Providers: upstream; ours with backend='auto' (the C++ kernels on the CPU);
+ours with backend='reference' (the pure-PyTorch ops). Their calls are
+interleaved round by round (common.timeit_many).
+
+Then where ours (auto) spends its time: one forward pass re-enacted step by
+step with a stopwatch between the steps (see breakdown), so that the steps add
+up to the whole refiner. Prints both tables and writes
+results/<device>/refiner_<dtype>.{json,txt}.
 """
 import argparse
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -16,24 +27,53 @@ from BackgroundMattingV2.model.refiner import Refiner as UpstreamRefiner
 
 import pymatting_ext
 from pymatting_ext import ops
+from pymatting_ext._backend import resolve
+from pymatting_ext.refiner import _fold
 
-from common import SETTINGS, device_info, make_inputs, print_table, random_bn_, timeit, write_json
+from common import (SETTINGS, Laps, Printer, device_info, header, make_inputs, parse_common, random_bn_,
+                    timeit_many, write_results)
+
+PROVIDERS = ("upstream", "ours (auto)", "ours (reference)")
+STEPS = ("select", "crop", "convolutions", "compose")
+STEP_LABELS = {
+    "select": "select (err resize + select_sampling)",
+    "crop": "crop (half-res + full-res)",
+    "convolutions": "convolutions (4 convs, relu, upsample, cat)",
+    "compose": "compose (cat(pha, fgr) + compose)",
+}
 
 
 def build(setting, device, dtype):
+    """The three providers, eval mode, the same weights."""
     up = random_bn_(UpstreamRefiner("sampling", setting["sample_pixels"], 0.1, 3, False)).eval()
     providers = {"upstream": up}
     for backend in ("auto", "reference"):
         ours = pymatting_ext.Refiner("sampling", setting["sample_pixels"], 0.1, 3, False, backend=backend).eval()
         ours.load_state_dict(up.state_dict())
         providers[f"ours ({backend})"] = ours
-    return {k: m.to(device=device, dtype=dtype) for k, m in providers.items()}
+    return {label: m.to(device=device, dtype=dtype) for label, m in providers.items()}
 
 
-def breakdown(refiner, x, device, repeat):
-    """Our refiner's steps (backend as the refiner resolves it, BatchNorm
-    folded), each timed on its own, run exactly as forward runs them (on the
-    CPU, crop and convolutions go in chunks of Refiner.cpu_chunk_patches):
+def conv_flops_per_patch(refiner):
+    """Multiply-adds x 2 of the four convolutions for one patch (kernel 3:
+    8x8 -> 6x6 -> 4x4, upsample to 8x8, 8x8 -> 6x6 -> 4x4)."""
+    k = refiner.kernel_size
+    side = 4 + 2 * (k - 1)  # input side of conv1 and of conv3
+    flops = 0
+    for first, second in ((refiner.conv1, refiner.conv2), (refiner.conv3, refiner.conv4)):
+        s = side
+        for conv in (first, second):
+            s -= k - 1
+            flops += 2 * conv.in_channels * conv.out_channels * k * k * s * s
+    return flops
+
+
+def breakdown(refiner, x, device, warmup, repeat):
+    """Median ms of each step of our refiner's forward pass, re-enacted here
+    as Refiner.forward runs it (eval mode, BatchNorm folded by
+    pymatting_ext.refiner._fold, on the CPU crop and convolutions in chunks
+    of Refiner.cpu_chunk_patches), with a stopwatch lap after each step
+    (on CUDA the lap synchronises the device):
 
       select        bilinear resize of err to H/4 x W/4 + select_sampling
       crop          crop of [hid, pha, fgr, src, bgr] at half resolution
@@ -41,100 +81,114 @@ def breakdown(refiner, x, device, repeat):
                     resolution (stride 4, padding 2)
       convolutions  conv1 + relu, conv2 + relu, nearest upsample to 8x8,
                     cat with the full-res crop, conv3 + relu, conv4, on the
-                    crop outputs as crop returns them (channels-last)
-      compose       upsample of cat(pha, fgr) with the patches written in
-    """
+                    crop outputs as crop returns them (channels-last);
+                    and the cat of the chunks' results
+      compose       cat(pha, fgr) and compose: the full-res output
+
+    Timed in place, each chunk's crop output is still in cache when its
+    convolutions read it, as in forward; timing each step alone over all
+    patches would not be. Returns ({step: summary}, total summary, P)."""
     src, bgr, pha, fgr, err, hid = x
     H, W = src.shape[2:]
-    backend = pymatting_ext._backend.resolve(refiner.backend, src.device)
+    backend = resolve(refiner.backend, src.device)
     k = min(refiner.sample_pixels // 16, (H // 4) * (W // 4))
+    (w1, b1), (w2, b2), (w3, b3), (w4, b4) = (
+        _fold(refiner.conv1, refiner.bn1), _fold(refiner.conv2, refiner.bn2),
+        _fold(refiner.conv3, refiner.bn3), _fold(refiner.conv4, None))
+    chunk = refiner._chunk_size(backend, True)
+
+    def convolutions(half, full):
+        y = F.conv2d(half, w1, b1).relu_()
+        y = F.conv2d(y, w2, b2).relu_()
+        y = torch.cat([F.interpolate(y, 8, mode="nearest"), full], 1)
+        y = F.conv2d(y, w3, b3).relu_()
+        return F.conv2d(y, w4, b4)
+
+    def one_pass():
+        ms = dict.fromkeys(STEPS, 0.0)
+        laps = Laps(device)
+        err_q = F.interpolate(err, (H // 4, W // 4), mode="bilinear", align_corners=False)
+        _, idx, valid = ops.run_select_sampling(backend, err_q, k, bool(refiner.prevent_oversampling))
+        ms["select"] += laps.lap()
+        P = idx.shape[0]
+        pieces = [idx] if chunk is None or P <= chunk else [idx[i:i + chunk] for i in range(0, P, chunk)]
+        outs = []
+        for rows in pieces:
+            half = ops.run_crop(backend, [hid, pha, fgr, src, bgr], rows, 2, 3, (H // 2, W // 2))
+            full = ops.run_crop(backend, [src, bgr], rows, 4, 2, (H, W))
+            ms["crop"] += laps.lap()
+            outs.append(convolutions(half, full))
+            ms["convolutions"] += laps.lap()
+        patches = outs[0] if len(outs) == 1 else torch.cat(outs)
+        ms["convolutions"] += laps.lap()
+        ops.run_compose(backend, torch.cat([pha, fgr], 1), patches, idx, valid, (H, W))
+        ms["compose"] += laps.lap()
+        return ms, P
+
     with torch.no_grad():
-        stage1, stage2 = refiner._layers(True)  # conv weights folded with BN (_fold)
-
-        def select():
-            err_q = F.interpolate(err, (H // 4, W // 4), mode="bilinear", align_corners=False)
-            return ops.run_select_sampling(backend, err_q, k, refiner.prevent_oversampling)
-
-        _, idx, valid = select()
-        chunk = refiner._chunk_size(backend, True) or max(idx.shape[0], 1)
-        pieces = [idx[i:i + chunk] for i in range(0, idx.shape[0], chunk)]
-
-        def crops():
-            return [(ops.run_crop(backend, [hid, pha, fgr, src, bgr], rows, 2, 3, (H // 2, W // 2)),
-                     ops.run_crop(backend, [src, bgr], rows, 4, 2, (H, W))) for rows in pieces]
-
-        cropped = crops()
-
-        def convs():
-            return torch.cat([stage2(torch.cat([F.interpolate(stage1(half), 8, mode="nearest"), full], 1))
-                              for half, full in cropped])
-
-        patches = convs()
-        coarse = torch.cat([pha, fgr], 1)
-
-        def compose():
-            return ops.run_compose(backend, coarse, patches, idx, valid, (H, W))
-
-        steps = {"err resize + select": select, "crop (half-res + full-res)": crops,
-                 "convolutions (+relu, upsample, cat)": convs, "compose": compose}
-        parts = {name: timeit(fn, device, repeat=repeat)["median_ms"] for name, fn in steps.items()}
-    return parts, int(idx.shape[0])
+        for _ in range(warmup):
+            one_pass()
+        runs = []
+        for _ in range(repeat):
+            ms, P = one_pass()
+            runs.append(ms)
+    median = {s: statistics.median(r[s] for r in runs) for s in STEPS}
+    total = statistics.median(sum(r.values()) for r in runs)
+    return median, total, P
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeat", type=int, default=None, help="timed calls per measurement "
-                        "(default 7 on CUDA, 5 on the CPU)")
-    parser.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up")
-    args = parser.parse_args()
-    if args.dtype != "float32" and torch.device(args.device).type != "cuda":
-        parser.error(f"--dtype {args.dtype} is for CUDA only")
-    repeat = 3 if args.quick else args.repeat or (7 if torch.device(args.device).type == "cuda" else 5)
-    warmup = 1 if args.quick else 2
-    dtype = getattr(torch, args.dtype)
-    info = device_info(args.device)
-    print(f"device: {info['device_name']} ({args.device}, {info['threads']} threads), torch {info['torch']}, "
-          f"{args.dtype}, median of {repeat}")
+    args, device, dtype, repeat, warmup = parse_common(parser, cpu_repeat=7, cuda_repeat=20)
+    info = device_info(device)
+    out = Printer()
+    out(header(info, args.dtype, repeat, warmup))
 
-    results = {}
-    rows, brows = [], []
+    results, rows, brows = {}, [], []
     for name, setting in SETTINGS.items():
-        providers = build(setting, args.device, dtype)
-        x = make_inputs(setting, args.device, dtype)
-        timings, outputs = {}, {}
+        providers = build(setting, device, dtype)
+        x = make_inputs(setting, device, dtype)
         with torch.no_grad():
-            for label, model in providers.items():
-                timings[label] = timeit(lambda: model(*x), args.device, warmup=warmup, repeat=repeat)
-                outputs[label] = model(*x)
+            outputs = {label: model(*x) for label, model in providers.items()}
+            timings = timeit_many({label: (lambda m=model: m(*x)) for label, model in providers.items()},
+                                  device, warmup=warmup, repeat=repeat)
         base = timings["upstream"]["median_ms"]
-        for label, t in timings.items():
-            diff = max(float((a.float() - b.float()).abs().max())
-                       for a, b in zip(outputs["upstream"][:2], outputs[label][:2]))
-            rows.append([name, label, f"{t['median_ms']:.1f}", f"{t['iqr_ms']:.1f}",
-                         f"{base / t['median_ms']:.2f}x", f"{diff:.1e}"])
+        for label in PROVIDERS:
+            t = timings[label]
+            # pha and fgr; upstream's in the same dtype is the yardstick.
+            t["max_abs_diff_vs_upstream"] = max(float((a.double() - b.double()).abs().max())
+                                                for a, b in zip(outputs["upstream"][:2], outputs[label][:2]))
             t["speedup_vs_upstream"] = base / t["median_ms"]
-            t["max_abs_diff_vs_upstream"] = diff
-        parts, P = breakdown(providers["ours (auto)"], x, args.device, repeat)
-        total = sum(parts.values())
-        for part, ms in parts.items():
-            brows.append([name, part, f"{ms:.1f}", f"{100 * ms / total:.0f}%"])
-        conv = parts["convolutions (+relu, upsample, cat)"]
-        brows.append([name, "convolutions vs everything else", f"{conv:.1f} vs {total - conv:.1f}",
-                      f"{100 * conv / total:.0f}% vs {100 * (total - conv) / total:.0f}%"])
-        brows.append([name, "sum of the steps", f"{total:.1f}", ""])
-        brows.append([name, "(whole refiner, forward)", f"{timings['ours (auto)']['median_ms']:.1f}", ""])
-        results[name] = {"setting": {**setting, "patches": P}, "timings": timings, "breakdown_ms": parts}
+            rows.append([name, label, f"{t['median_ms']:.1f}", f"{t['iqr_ms']:.1f}",
+                         f"{t['speedup_vs_upstream']:.2f}x", f"{t['max_abs_diff_vs_upstream']:.1e}"])
+        del outputs
+
+        ours = providers["ours (auto)"]
+        parts, total, P = breakdown(ours, x, device, warmup, repeat)
+        gflops = conv_flops_per_patch(ours) * P / 1e9
+        for step in STEPS:
+            rate = f"{gflops / parts[step] * 1e3:.1f} GFLOP/s" if step == "convolutions" else ""
+            brows.append([name, STEP_LABELS[step], f"{parts[step]:.1f}", f"{100 * parts[step] / total:.0f}%", rate])
+        conv = parts["convolutions"]
+        brows.append([name, "convolutions | everything else", f"{conv:.1f} | {total - conv:.1f}",
+                      f"{100 * conv / total:.0f}% | {100 * (total - conv) / total:.0f}%", ""])
+        brows.append([name, "sum of the steps", f"{total:.1f}", "100%", ""])
+        brows.append([name, "(whole refiner, forward, table above)", f"{timings['ours (auto)']['median_ms']:.1f}",
+                      "", ""])
+        results[name] = {"setting": {**setting, "patches": P}, "timings": timings,
+                         "breakdown_ms": parts, "breakdown_total_ms": total,
+                         "conv_gflop": gflops, "conv_gflops_per_s": gflops / conv * 1e3}
         del providers, x
 
-    print_table("Refiner (eval, sampling, prevent_oversampling=False, kernel 3, batch 1)",
-                ["setting", "provider", "median ms", "IQR ms", "speed-up", "max |diff|"], rows)
-    print_table("Where our time goes (backend auto)", ["setting", "step", "ms", "share"], brows)
+    out.table("Refiner (eval, no_grad, sampling, prevent_oversampling=False, kernel 3, batch 1)",
+              ["setting", "provider", "median ms", "IQR ms", "speed-up", "max |diff|"], rows)
+    out.table(f"Where ours (auto) spends its time (backend {resolve('auto', device)}, median of {repeat} passes)",
+              ["setting", "step", "ms", "share", "rate"], brows)
     settings = {"mode": "sampling", "kernel_size": 3, "prevent_oversampling": False, "batch": 1,
-                "dtype": args.dtype, "repeat": repeat, "warmup": warmup, "settings": SETTINGS}
-    path = write_json(f"refiner_{args.dtype}", {"info": info, "dtype": args.dtype, "settings": settings,
-                                                 "results": results})
+                "dtype": args.dtype, "repeat": repeat, "warmup": warmup, "settings": SETTINGS,
+                "cpu_chunk_patches": pymatting_ext.Refiner.cpu_chunk_patches}
+    path = write_results(f"refiner_{args.dtype}", {"info": info, "settings": settings, "results": results},
+                         out.text())
     print(f"\nwrote {path}")
 
 
