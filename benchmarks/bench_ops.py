@@ -1,37 +1,60 @@
 """Each op against upstream's way of doing the same step, on the same inputs.
 
-    python bench_ops.py [--device cpu|cuda] [--dtype float32|float16] [--repeat N] [--quick]
+    python bench_ops.py [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--repeat N] [--quick]
 
-Steps (HD and 4K settings of bench_refiner.py, k = sample_pixels // 16):
-  select   ours: select_sampling(err_q, k, True)
-           upstream: topk + zeros_like + scatter_ + mul_(gt 0) + nonzero, on the same err_q
-  crop/2   ours: crop of [hid,pha,fgr,src,bgr] at half resolution (stride 2, padding 3)
-           upstream: interpolate(cat(hid,pha,fgr)), interpolate(cat(src,bgr)), pad, unfold, index, cat
-  crop/1   ours: crop of [src,bgr] at full resolution (stride 4, padding 2)
-           upstream: cat, pad, unfold, index
-  compose  ours: compose(cat(pha,fgr), patches, idx)   upstream: interpolate + scatter_nd-style replace
-  replace  ours: replace(x, patches, idx) (returns a new tensor)
-           upstream: view/permute/index-assign into the preexisting full-res x (in place)
-  replace+clone  the same, upstream's way on x.clone() (the same semantics as ours)
+At the HD and 4K settings of bench_refiner.py (k = P = sample_pixels // 16
+patches, idx from select_sampling on a random err), three providers per step,
+each timed in its steady state, one after the other (see common.timeit):
+  upstream   upstream's way of the step, written here with plain torch calls
+  reference  our pure-PyTorch op (pymatting_ext.ops.run_*(backend='reference'))
+  ours       the public op, backend='auto' (the C++ kernels on the CPU)
 
-Bytes moved (a floor for any implementation, in the benchmark dtype):
-  bytes = bytes of ours' output + bytes of the distinct input elements it
-          must read (each counted once, however many patches overlap it).
+Steps:
+  select         ours: select_sampling(err_q, k, prevent_oversampling=True)
+                 upstream: topk + zeros_like + scatter_ + mul_(gt 0) + nonzero,
+                 on the same quarter-resolution err_q
+  crop/2         ours: one crop of [hid, pha, fgr, src, bgr] sampled from their
+                 bilinear resize to H/2 x W/2 (stride 2, padding 3, 8x8)
+                 upstream: interpolate(cat(hid, pha, fgr)), interpolate(cat(src,
+                 bgr)), each padded, unfolded and advanced-indexed, then cat
+  crop/1         ours: crop of [src, bgr] at full resolution (stride 4, padding 2)
+                 upstream: cat, pad, unfold, advanced index
+  compose        ours: compose(cat(pha, fgr), patches, idx, valid, (H, W))
+                 upstream: interpolate(cat(pha, fgr)) to H x W, then the
+                 scatter_nd replace (view/permute/index-assign)
+  replace        ours: replace(x, patches, idx) (a new tensor)
+                 upstream: the scatter_nd replace into x itself (in place)
+  replace+clone  upstream's scatter_nd replace into x.clone(): ours' semantics
+
+Bytes (for the GB/s columns) are the minimum any implementation of the step
+must move, in the benchmark dtype: the bytes it writes (its output) plus the
+distinct input elements it must read, each counted once however many patches
+overlap it, plus idx (P x 3 int64):
   crop/2   output P x 42 x 8 x 8; inputs: the coarse pixels of hid, pha, fgr
-           (36 channels) and the full-res pixels of src, bgr (6 channels)
-           that the bilinear resize to H/2 x W/2 uses for the union of the
-           8x8 windows (clipped to the image; found once, exactly, as the
-           non-zero adjoint of the resize applied to the window mask)
+           (36 channels) and the full-resolution pixels of src, bgr (6
+           channels) that the bilinear resize to H/2 x W/2 reads for the
+           union of the 8x8 windows (clipped to the image)
   crop/1   output P x 6 x 8 x 8; inputs: the src, bgr pixels in the union of
-           the 8x8 windows
-  compose  output B x 4 x H x W; inputs: the whole coarse map (B x 4 x Hc x Wc)
-           and the patches
-  replace  output B x 4 x H x W (ours returns a new tensor); inputs: all of x
-           and the patches
-Achieved GB/s = bytes / ours' median time, printed beside the device's copy
-bandwidth (a 512 MiB tensor .copy_'d, read + write bytes over the time).
-Upstream's in-place replace (the row "replace") writes only the patch cells,
-so it has less to move than ours; "replace+clone" gives it ours' semantics.
+           the 8x8 windows (clipped to the image)
+  compose  output B x 4 x H x W; inputs: the coarse pixels (4 channels) that
+           the bilinear upsample reads for the pixels outside the refined
+           cells, the valid patches (P x 4 x 4 x 4) and valid (P bools)
+  replace  output B x 4 x H x W (ours returns a new tensor); inputs: the
+           pixels of x outside the replaced cells and the patches.
+           (Upstream's in-place replace need only write the patches: it
+           has less to move, hence its lead in that row.)
+"Which pixels a bilinear resize reads" is found exactly, once per setting, as
+the non-zeros of the resize's adjoint applied to the mask of pixels wanted.
+"ours faults" = minor page faults per call of ours (CPU; see the last table).
+GB/s = bytes / median time; "of copy" compares ours with the device's copy
+bandwidth (a 512 MiB tensor .copy_'d into another: read + write bytes / time).
+
+A last table times writing a B x 4 x H x W tensor once, freshly allocated
+(torch.empty_like(x).fill_(0)) and existing (fill_ of a tensor kept across
+calls), with the minor page faults per call: on the CPU a fresh tensor
+beyond glibc malloc's mmap threshold (at most 32 MiB) comes as new pages from
+the OS at every call, and their page faults then cost compose, replace and
+upstream's interpolate alike, whatever the kernel.
 """
 import argparse
 
@@ -39,37 +62,51 @@ import torch
 import torch.nn.functional as F
 
 import pymatting_ext as pm
+from pymatting_ext import ops
 
-from common import SETTINGS, device_info, make_inputs, print_table, timeit, write_json
+from common import (SETTINGS, Contention, Printer, device_info, header, make_inputs, minor_faults,
+                    parse_common, timeit, write_results)
 
+PROVIDERS = ("upstream", "reference", "ours")
+
+
+# -- upstream's way of each step (plain torch, in the order upstream runs it) --
 
 def upstream_select(err_q, k):
-    b, _, h, w = err_q.shape
-    e = err_q.view(b, -1)
-    top = e.topk(k, dim=1, sorted=False).indices
-    ref = torch.zeros_like(e).scatter_(1, top, 1.0)
-    ref.mul_(e.gt(0).float())
-    return torch.nonzero(ref.view(b, h, w))
+    """Top k per image, as a 0/1 map gated by err > 0, then its nonzero rows."""
+    B, _, h, w = err_q.shape
+    flat = err_q.view(B, h * w)
+    top = flat.topk(k, dim=1, sorted=False).indices
+    ref = torch.zeros_like(flat).scatter_(1, top, 1.0)
+    ref.mul_(flat.gt(0).float())
+    return torch.nonzero(ref.view(B, h, w))
 
 
-def upstream_crop(image, idx, size, padding):
+def upstream_crop(image, idx, stride, padding):
+    """(P, C, s, s) windows, s = stride + 2 * padding: zero-pad the image, view
+    it as overlapping windows (channels last, then unfold rows and columns),
+    pick the windows of idx by advanced indexing."""
     if padding:
-        image = F.pad(image, (padding,) * 4)
-    win = size + 2 * padding
-    windows = image.permute(0, 2, 3, 1).unfold(1, win, size).unfold(2, win, size)
+        image = F.pad(image, (padding, padding, padding, padding))
+    s = stride + 2 * padding
+    windows = image.permute(0, 2, 3, 1).unfold(1, s, stride).unfold(2, s, stride)
     return windows[idx[:, 0], idx[:, 1], idx[:, 2]]
 
 
 def upstream_replace_(x, patches, idx):
+    """scatter_nd: view x as (B, H/s, W/s, C, s, s) cells and assign."""
     B, C, H, W = x.shape
     s = patches.shape[-1]
-    x.view(B, C, H // s, s, W // s, s).permute(0, 2, 4, 1, 3, 5)[idx[:, 0], idx[:, 1], idx[:, 2]] = patches
+    cells = x.view(B, C, H // s, s, W // s, s).permute(0, 2, 4, 1, 3, 5)
+    cells[idx[:, 0], idx[:, 1], idx[:, 2]] = patches
     return x
 
 
+# -- byte counts ----------------------------------------------------------------
+
 def window_mask(idx, batch, size, stride, padding, device):
-    """(B, 1, h, w) float mask of the union of the patch windows at resolution
-    size = (h, w): cell (y, x) dilated by padding, clipped to the image."""
+    """(B, 1, h, w) 0/1 float mask of the union of the windows at resolution
+    size = (h, w): cell (y, x) of the stride grid dilated by padding, clipped."""
     h, w = size
     cells = torch.zeros(batch, 1, -(-h // stride), -(-w // stride), device=device)
     cells[idx[:, 0], 0, idx[:, 1], idx[:, 2]] = 1.0
@@ -80,8 +117,8 @@ def window_mask(idx, batch, size, stride, padding, device):
 
 
 def pixels_read(in_size, mask):
-    """How many pixels (per channel) of an input of in_size the bilinear
-    resize (align_corners=False) to mask's size reads for mask's pixels."""
+    """How many pixels (per channel) of an input of in_size a bilinear resize
+    (align_corners=False) to mask's size reads for mask's non-zero pixels."""
     if tuple(in_size) == tuple(mask.shape[2:]):
         return int(mask.count_nonzero())
     with torch.enable_grad():
@@ -91,8 +128,9 @@ def pixels_read(in_size, mask):
 
 
 def copy_bandwidth(device, dtype):
-    # 512 MiB, well beyond any cache.
-    a = torch.empty(512 * 2 ** 20 // (torch.finfo(dtype).bits // 8), device=device, dtype=dtype)
+    """Read + write GB/s of copying a 512 MiB tensor (well beyond any cache)
+    into another."""
+    a = torch.empty(512 * 2 ** 20 // torch.empty((), dtype=dtype).element_size(), device=device, dtype=dtype)
     b = torch.empty_like(a)
     t = timeit(lambda: b.copy_(a), device, warmup=2, repeat=9)["median_ms"]
     return 2 * a.numel() * a.element_size() / t / 1e6
@@ -100,81 +138,128 @@ def copy_bandwidth(device, dtype):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up")
-    args = parser.parse_args()
-    if args.dtype != "float32" and torch.device(args.device).type != "cuda":
-        parser.error(f"--dtype {args.dtype} is for CUDA only")
-    repeat = 3 if args.quick else args.repeat
-    warmup = 1 if args.quick else 2
-    dtype = getattr(torch, args.dtype)
-    dev = args.device
+    args, dev, dtype, repeat, warmup = parse_common(parser, cpu_repeat=7, cuda_repeat=20)
     info = device_info(dev)
+    out = Printer()
+    out(header(info, args.dtype, repeat, warmup))
+    contention = Contention()
     copy_gbs = copy_bandwidth(dev, dtype)
-    print(f"device: {info['device_name']} ({dev}, {info['threads']} threads), torch {info['torch']}, "
-          f"{args.dtype}, median of {repeat}; copy bandwidth {copy_gbs:.1f} GB/s")
+    out(f"copy bandwidth: {copy_gbs:.1f} GB/s")
+    ref_backend = "reference"
+    esize = torch.empty((), dtype=dtype).element_size()
 
-    rows, results = [], {}
-    esize = torch.finfo(dtype).bits // 8
+    rows, frows, results = [], [], {}
     with torch.no_grad():
         for name, s in SETTINGS.items():
             src, bgr, pha, fgr, err, hid = make_inputs(s, dev, dtype)
-            H, W = s["H"], s["W"]
+            B, H, W = src.shape[0], s["H"], s["W"]
+            Hc, Wc = pha.shape[2:]
             k = s["sample_pixels"] // 16
             err_q = F.interpolate(err, (H // 4, W // 4), mode="bilinear", align_corners=False)
             _, idx, valid = pm.select_sampling(err_q, k, False)
             P = idx.shape[0]
             patches = torch.randn(P, 4, 4, 4, device=dev, dtype=dtype)
-            coarse = torch.cat([pha, fgr], 1)
-            full = torch.rand(1, 4, H, W, device=dev, dtype=dtype)
+            x = torch.rand(B, 4, H, W, device=dev, dtype=dtype)
+            half, full = (H // 2, W // 2), (H, W)
 
             def up_crop_half():
-                a = F.interpolate(torch.cat([hid, pha, fgr], 1), (H // 2, W // 2), mode="bilinear",
-                                  align_corners=False)
-                b = F.interpolate(torch.cat([src, bgr], 1), (H // 2, W // 2), mode="bilinear", align_corners=False)
+                a = F.interpolate(torch.cat([hid, pha, fgr], 1), half, mode="bilinear", align_corners=False)
+                b = F.interpolate(torch.cat([src, bgr], 1), half, mode="bilinear", align_corners=False)
                 return torch.cat([upstream_crop(a, idx, 2, 3), upstream_crop(b, idx, 2, 3)], 1)
 
             def up_compose():
-                out = F.interpolate(coarse, (H, W), mode="bilinear", align_corners=False)
-                return upstream_replace_(out, patches, idx)
+                y = F.interpolate(torch.cat([pha, fgr], 1), full, mode="bilinear", align_corners=False)
+                return upstream_replace_(y, patches, idx)
 
-            B, Hc, Wc = src.shape[0], pha.shape[2], pha.shape[3]
-            half_mask = window_mask(idx, B, (H // 2, W // 2), 2, 3, dev)
-            half_in = 36 * pixels_read((Hc, Wc), half_mask) + 6 * pixels_read((H, W), half_mask)
-            full_in = 6 * pixels_read((H, W), window_mask(idx, B, (H, W), 4, 2, dev))
+            # Minimum bytes (see the module's docstring).
+            idx_bytes = idx.numel() * idx.element_size()
+            half_mask = window_mask(idx, B, half, 2, 3, dev)
+            crop2_bytes = (P * 42 * 8 * 8 + 36 * pixels_read((Hc, Wc), half_mask)
+                           + 6 * pixels_read(full, half_mask)) * esize + idx_bytes
             del half_mask
-            steps = [
-                ("select", lambda: pm.select_sampling(err_q, k, True), lambda: upstream_select(err_q, k), None),
-                ("crop/2", lambda: pm.crop([hid, pha, fgr, src, bgr], idx, 2, 3, (H // 2, W // 2)), up_crop_half,
-                 (P * 42 * 8 * 8 + half_in) * esize),
-                ("crop/1", lambda: pm.crop([src, bgr], idx, 4, 2, (H, W)),
-                 lambda: upstream_crop(torch.cat([src, bgr], 1), idx, 4, 2), (P * 6 * 8 * 8 + full_in) * esize),
-                ("compose", lambda: pm.compose(coarse, patches, idx, None, (H, W)), up_compose,
-                 (full.numel() + coarse.numel() + patches.numel()) * esize),
-                ("replace", lambda: pm.replace(full, patches, idx), lambda: upstream_replace_(full, patches, idx),
-                 (2 * full.numel() + patches.numel()) * esize),
-                ("replace+clone", lambda: pm.replace(full, patches, idx),
-                 lambda: upstream_replace_(full.clone(), patches, idx), (2 * full.numel() + patches.numel()) * esize),
-            ]
-            for step, ours, theirs, nbytes in steps:
-                t_ours = timeit(ours, dev, warmup=warmup, repeat=repeat)
-                t_up = timeit(theirs, dev, warmup=warmup, repeat=repeat)
-                gbs = nbytes / t_ours["median_ms"] / 1e6 if nbytes else None
-                rows.append([name, step, f"{t_up['median_ms']:.2f}", f"{t_ours['median_ms']:.2f}",
-                             f"{t_up['median_ms'] / t_ours['median_ms']:.2f}x",
-                             "" if gbs is None else f"{gbs:.1f}",
-                             "" if gbs is None else f"{100 * gbs / copy_gbs:.0f}%"])
-                results.setdefault(name, {"patches": P})[step] = {
-                    "upstream": t_up, "ours": t_ours, "speedup": t_up["median_ms"] / t_ours["median_ms"],
-                    "bytes": nbytes, "ours_GBps": gbs}
-    print_table(f"Ops vs upstream's way (ms; copy bandwidth {copy_gbs:.1f} GB/s)",
-                ["setting", "op", "upstream", "ours", "speed-up", "ours GB/s", "of copy"], rows)
+            crop1_bytes = (P * 6 * 8 * 8 + 6 * pixels_read(full, window_mask(idx, B, full, 4, 2, dev))) * esize \
+                + idx_bytes
+            outside = 1.0 - window_mask(idx, B, full, 4, 0, dev)
+            compose_bytes = (x.numel() + 4 * pixels_read((Hc, Wc), outside) + patches.numel()) * esize \
+                + idx_bytes + valid.numel()
+            replace_bytes = (x.numel() + 4 * int(outside.count_nonzero()) + patches.numel()) * esize + idx_bytes
+            del outside
+
+            steps = {
+                "select": (None, {
+                    "upstream": lambda: upstream_select(err_q, k),
+                    "reference": lambda: ops.run_select_sampling(ref_backend, err_q, k, True),
+                    "ours": lambda: pm.select_sampling(err_q, k, True)}),
+                "crop/2": (crop2_bytes, {
+                    "upstream": up_crop_half,
+                    "reference": lambda: ops.run_crop(ref_backend, [hid, pha, fgr, src, bgr], idx, 2, 3, half),
+                    "ours": lambda: pm.crop([hid, pha, fgr, src, bgr], idx, 2, 3, half)}),
+                "crop/1": (crop1_bytes, {
+                    "upstream": lambda: upstream_crop(torch.cat([src, bgr], 1), idx, 4, 2),
+                    "reference": lambda: ops.run_crop(ref_backend, [src, bgr], idx, 4, 2, full),
+                    "ours": lambda: pm.crop([src, bgr], idx, 4, 2, full)}),
+                "compose": (compose_bytes, {
+                    "upstream": up_compose,
+                    "reference": lambda: ops.run_compose(ref_backend, torch.cat([pha, fgr], 1), patches, idx,
+                                                         valid, full),
+                    "ours": lambda: pm.compose(torch.cat([pha, fgr], 1), patches, idx, valid, full)}),
+                "replace": (replace_bytes, {
+                    "upstream": lambda: upstream_replace_(x, patches, idx),
+                    "reference": lambda: ops.run_replace(ref_backend, x, patches, idx, None),
+                    "ours": lambda: pm.replace(x, patches, idx)}),
+                "replace+clone": (replace_bytes, {
+                    "upstream": lambda: upstream_replace_(x.clone(), patches, idx),
+                    "reference": lambda: ops.run_replace(ref_backend, x, patches, idx, None),
+                    "ours": lambda: pm.replace(x, patches, idx)}),
+            }
+            results[name] = {"patches": P}
+            # The floor of every step that returns a new full-resolution
+            # tensor (compose, replace, upstream's interpolate): a fresh
+            # allocation written once, against writing an existing one.
+            faults = minor_faults()
+            fresh = timeit(lambda: torch.empty_like(x).fill_(0), dev, warmup=warmup, repeat=repeat)
+            faults = None if faults is None else (minor_faults() - faults) / (warmup + repeat)
+            existing = torch.empty_like(x)
+            reuse = timeit(lambda: existing.fill_(0), dev, warmup=warmup, repeat=repeat)
+            del existing
+            results[name]["fill_output"] = {"fresh": fresh, "existing": reuse, "fresh_page_faults_per_call": faults}
+            frows.append([name, f"{tuple(x.shape)}", f"{x.numel() * esize / 1e6:.1f}", f"{fresh['median_ms']:.2f}",
+                          "" if faults is None else f"{faults:.0f}", f"{reuse['median_ms']:.2f}"])
+            for step, (nbytes, fns) in steps.items():
+                t = {}
+                for p, fn in fns.items():
+                    before = minor_faults()
+                    t[p] = timeit(fn, dev, warmup=warmup, repeat=repeat)
+                    t[p]["page_faults_per_call"] = (None if before is None
+                                                    else (minor_faults() - before) / (warmup + repeat))
+                up, ours = t["upstream"]["median_ms"], t["ours"]["median_ms"]
+                gbs = {p: nbytes / t[p]["median_ms"] / 1e6 for p in PROVIDERS} if nbytes else None
+                if step == "replace" and gbs:
+                    # In place, upstream's has less to move: the byte count is not its.
+                    gbs["upstream"] = None
+                fmt = lambda v: "" if v is None else f"{v:.1f}"
+                faults = t["ours"]["page_faults_per_call"]
+                rows.append([name, step] + [f"{t[p]['median_ms']:.2f}" for p in PROVIDERS]
+                            + [f"{up / ours:.2f}x", "" if faults is None else f"{faults:.0f}"]
+                            + (["", "", "", ""] if gbs is None else
+                               [f"{nbytes / 1e6:.1f}", fmt(gbs["upstream"]), fmt(gbs["ours"]),
+                                f"{100 * gbs['ours'] / copy_gbs:.0f}%"]))
+                results[name][step] = {"timings": t, "speedup_vs_upstream": up / ours, "bytes": nbytes,
+                                       "GBps": gbs}
+            del src, bgr, pha, fgr, err, hid, x, patches, steps
+
+    out.table(f"Ops vs upstream's way (median ms; ours = backend auto, {pm._backend.resolve('auto', dev)})",
+              ["setting", "op"] + [f"{p} ms" for p in PROVIDERS]
+              + ["speed-up", "ours faults", "MB moved", "upstream GB/s", "ours GB/s", "ours of copy"], rows)
+    out.table("Writing a full-resolution output (median ms): torch.empty_like(x).fill_(0) vs x.fill_(0)",
+              ["setting", "shape", "MB", "new tensor ms", "page faults / call", "existing tensor ms"], frows)
+    line, info["other_processes_cpu_share"] = contention.report()
+    if line:
+        out(line)
     settings = {"dtype": args.dtype, "repeat": repeat, "warmup": warmup, "settings": SETTINGS,
-                "bytes": "ours' output bytes + distinct input elements read (see bench_ops.py's docstring)"}
-    path = write_json(f"ops_{args.dtype}", {"info": info, "dtype": args.dtype, "settings": settings,
-                                            "copy_GBps": copy_gbs, "results": results})
+                "bytes": "minimum bytes: output + distinct input elements read + idx (see bench_ops.py's docstring)"}
+    path = write_results(f"ops_{args.dtype}", {"info": info, "settings": settings, "copy_GBps": copy_gbs,
+                                               "results": results}, out.text())
     print(f"\nwrote {path}")
 
 

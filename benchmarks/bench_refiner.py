@@ -10,8 +10,10 @@ refiners load upstream's state_dict (its BatchNorm layers hold random running
 statistics, so that folding them is exercised).
 
 Providers: upstream; ours with backend='auto' (the C++ kernels on the CPU);
-ours with backend='reference' (the pure-PyTorch ops). Their calls are
-interleaved round by round (common.timeit_many).
+ours with backend='reference' (the pure-PyTorch ops). Each is timed in
+its steady state, one after the other (see common.timeit), with its
+minor page faults per call (CPU: fresh full-resolution tensors beyond
+malloc's mmap threshold come as new pages at every call).
 
 Then where ours (auto) spends its time: one forward pass re-enacted step by
 step with a stopwatch between the steps (see breakdown), so that the steps add
@@ -30,8 +32,8 @@ from pymatting_ext import ops
 from pymatting_ext._backend import resolve
 from pymatting_ext.refiner import _fold
 
-from common import (SETTINGS, Laps, Printer, device_info, header, make_inputs, parse_common, random_bn_,
-                    timeit_many, write_results)
+from common import (SETTINGS, Contention, Laps, Printer, device_info, header, make_inputs, minor_faults,
+                    parse_common, random_bn_, timeit, write_results)
 
 PROVIDERS = ("upstream", "ours (auto)", "ours (reference)")
 STEPS = ("select", "crop", "convolutions", "compose")
@@ -143,6 +145,7 @@ def main():
     info = device_info(device)
     out = Printer()
     out(header(info, args.dtype, repeat, warmup))
+    contention = Contention()
 
     results, rows, brows = {}, [], []
     for name, setting in SETTINGS.items():
@@ -150,8 +153,12 @@ def main():
         x = make_inputs(setting, device, dtype)
         with torch.no_grad():
             outputs = {label: model(*x) for label, model in providers.items()}
-            timings = timeit_many({label: (lambda m=model: m(*x)) for label, model in providers.items()},
-                                  device, warmup=warmup, repeat=repeat)
+            timings = {}
+            for label, model in providers.items():
+                before = minor_faults()
+                timings[label] = timeit(lambda: model(*x), device, warmup=warmup, repeat=repeat)
+                timings[label]["page_faults_per_call"] = (None if before is None
+                                                          else (minor_faults() - before) / (warmup + repeat))
         base = timings["upstream"]["median_ms"]
         for label in PROVIDERS:
             t = timings[label]
@@ -159,8 +166,10 @@ def main():
             t["max_abs_diff_vs_upstream"] = max(float((a.double() - b.double()).abs().max())
                                                 for a, b in zip(outputs["upstream"][:2], outputs[label][:2]))
             t["speedup_vs_upstream"] = base / t["median_ms"]
+            faults = t["page_faults_per_call"]
             rows.append([name, label, f"{t['median_ms']:.1f}", f"{t['iqr_ms']:.1f}",
-                         f"{t['speedup_vs_upstream']:.2f}x", f"{t['max_abs_diff_vs_upstream']:.1e}"])
+                         f"{t['speedup_vs_upstream']:.2f}x", f"{t['max_abs_diff_vs_upstream']:.1e}",
+                         "" if faults is None else f"{faults:.0f}"])
         del outputs
 
         ours = providers["ours (auto)"]
@@ -181,9 +190,12 @@ def main():
         del providers, x
 
     out.table("Refiner (eval, no_grad, sampling, prevent_oversampling=False, kernel 3, batch 1)",
-              ["setting", "provider", "median ms", "IQR ms", "speed-up", "max |diff|"], rows)
+              ["setting", "provider", "median ms", "IQR ms", "speed-up", "max |diff|", "page faults"], rows)
     out.table(f"Where ours (auto) spends its time (backend {resolve('auto', device)}, median of {repeat} passes)",
               ["setting", "step", "ms", "share", "rate"], brows)
+    line, info["other_processes_cpu_share"] = contention.report()
+    if line:
+        out(line)
     settings = {"mode": "sampling", "kernel_size": 3, "prevent_oversampling": False, "batch": 1,
                 "dtype": args.dtype, "repeat": repeat, "warmup": warmup, "settings": SETTINGS,
                 "cpu_chunk_patches": pymatting_ext.Refiner.cpu_chunk_patches}

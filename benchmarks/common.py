@@ -82,29 +82,18 @@ def timeit(fn, device, warmup=2, repeat=7):
     synchronised before each call, and the call is timed by CUDA events
     recorded around it on the current stream, so the time covers the work the
     call launches and any host time the device waits on, not what came
-    before it."""
+    before it.
+
+    NB: the benchmarks time their providers one after the other, each in
+    its steady state, not interleaved call by call: a call that follows
+    another provider's finds the caches and malloc's free lists in that
+    provider's state (upstream's full-resolution temporaries), which measured
+    ours ~15% slower at HD on the CPU. Contention reports load that changed
+    underneath."""
     for _ in range(warmup):
         fn()
     sync(device)
     return summarize(_call_times(fn, device, repeat))
-
-
-def timeit_many(fns, device, warmup=2, repeat=7):
-    """timeit for several providers of the same step, {label: fn} ->
-    {label: summary}, interleaved: each round calls every provider once (the
-    order rotating from round to round), so that a drift in the machine's
-    load or clock affects all of them alike."""
-    labels = list(fns)
-    for _ in range(warmup):
-        for label in labels:
-            fns[label]()
-    sync(device)
-    times = {label: [] for label in labels}
-    for r in range(repeat):
-        for i in range(len(labels)):
-            label = labels[(r + i) % len(labels)]
-            times[label] += _call_times(fns[label], device, 1)
-    return {label: summarize(t) for label, t in times.items()}
 
 
 def device_name(device):
@@ -125,6 +114,59 @@ def load_average():
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
+        return None
+
+
+def _cpu_jiffies():
+    """(busy jiffies of the whole machine, of this process) or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        # user nice system idle iowait irq softirq steal: all but idle and iowait.
+        busy = sum(fields[:8]) - fields[3] - fields[4]
+        return busy, int(own[11]) + int(own[12])  # utime + stime, all threads
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class Contention:
+    """How much CPU other processes used while the benchmark ran: the
+    machine's busy time minus this process's, over wall time x cores. CPU
+    timings taken while this is more than a few percent are not to be
+    trusted (the kernels' threads wait on each other at every barrier)."""
+
+    def __init__(self):
+        self.start = _cpu_jiffies()
+        self.t0 = time.monotonic()
+
+    def share(self):
+        end = _cpu_jiffies()
+        if self.start is None or end is None:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        wall = time.monotonic() - self.t0
+        other = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return max(0.0, other / hz / (wall * (os.cpu_count() or 1)))
+
+    def report(self):
+        """A line for the printed output, and the share."""
+        share = self.share()
+        if share is None:
+            return "", None
+        line = f"other processes used {100 * share:.0f}% of the {os.cpu_count()} cores during the run"
+        if share > 0.05:
+            line = "WARNING: " + line + "; the CPU timings are not reliable, run again on a quiet machine"
+        return line, share
+
+
+def minor_faults():
+    """Minor page faults of this process so far (None where unknown)."""
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
         return None
 
 
@@ -159,10 +201,6 @@ def header(info, dtype, repeat, warmup):
             f"{dtype}, median of {repeat} after {warmup} warm-up")
     if not info["extension_loaded"]:
         line += "\nWARNING: the compiled extension is not loaded; 'auto' runs the reference ops"
-    load = info["load_average_1min_at_start"]
-    if load is not None and not is_cuda(info["device"]) and load > 0.5:
-        line += (f"\nWARNING: load average {load:.1f} at start: other processes share the cores and "
-                 f"the CPU timings will be noisy")
     return line
 
 
