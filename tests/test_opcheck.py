@@ -45,20 +45,23 @@ def test_opcheck(device, dtype):
 
 
 def make_refiner(mode, **kw):
-    r = random_bn_(pm.Refiner(mode, 2000, 0.5, **kw)).eval()
-    return r
+    return random_bn_(pm.Refiner(mode, 2000, 0.5, **kw)).eval()
+
+
+def assert_compiled_refiner_matches_eager(mode, batch, fullgraph):
+    torch._dynamo.reset()
+    refiner = make_refiner(mode)
+    x = refiner_inputs(batch, 48, 64, 12, 16)
+    with torch.no_grad():
+        eager = refiner(*x)
+        compiled = torch.compile(refiner, fullgraph=fullgraph)(*x)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["sampling", "full"])
 def test_refiner_compiles_fullgraph_on_cpu(mode):
-    torch._dynamo.reset()
-    refiner = make_refiner(mode)
-    x = refiner_inputs(2, 48, 64, 12, 16)
-    with torch.no_grad():
-        eager = refiner(*x)
-        compiled = torch.compile(refiner, fullgraph=True)(*x)
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert_compiled_refiner_matches_eager(mode, batch=2, fullgraph=True)
 
 
 def test_ops_compile_fullgraph_on_cpu():
@@ -82,22 +85,8 @@ def test_ops_compile_fullgraph_on_cpu():
     "NCHW strides where the real one returns channels-last; thresholding mode compiles "
     "only with graph breaks for now"))
 def test_refiner_thresholding_compiles_fullgraph_on_cpu():
-    torch._dynamo.reset()
-    refiner = make_refiner("thresholding")
-    x = refiner_inputs(1, 48, 64, 12, 16)
-    with torch.no_grad():
-        eager = refiner(*x)
-        compiled = torch.compile(refiner, fullgraph=True)(*x)
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert_compiled_refiner_matches_eager("thresholding", batch=1, fullgraph=True)
 
 
 def test_refiner_thresholding_compiles_with_graph_breaks():
-    torch._dynamo.reset()
-    refiner = make_refiner("thresholding")
-    x = refiner_inputs(1, 48, 64, 12, 16)
-    with torch.no_grad():
-        eager = refiner(*x)
-        compiled = torch.compile(refiner)(*x)
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert_compiled_refiner_matches_eager("thresholding", batch=1, fullgraph=False)
