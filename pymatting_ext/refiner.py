@@ -165,6 +165,17 @@ class Refiner(nn.Module):
 
     def forward(self, src: torch.Tensor, bgr: torch.Tensor, pha: torch.Tensor, fgr: torch.Tensor,
                 err: torch.Tensor, hid: torch.Tensor):
+        return self._run(src, bgr, pha, fgr, err, hid, False)
+
+    def forward_matting(self, src: torch.Tensor, bgr: torch.Tensor, pha: torch.Tensor, fgr: torch.Tensor,
+                        err: torch.Tensor, hid: torch.Tensor):
+        """forward followed by MattingRefine's epilogue, fused into compose:
+        returns pha.clamp(0, 1), (fgr + src).clamp(0, 1) and ref, where fgr is
+        the refined foreground residual."""
+        return self._run(src, bgr, pha, fgr, err, hid, True)
+
+    def _run(self, src: torch.Tensor, bgr: torch.Tensor, pha: torch.Tensor, fgr: torch.Tensor,
+             err: torch.Tensor, hid: torch.Tensor, epilogue: bool):
         self._check_inputs(src, bgr, pha, fgr, err, hid)
         backend = resolve(self.backend, src.device)
         records_grad = torch.is_grad_enabled() and (
@@ -188,6 +199,8 @@ class Refiner(nn.Module):
             y = ops.run_crop(patch_backend, [src, bgr], whole, 1, q, (H, W), (H + 2 * q, W + 2 * q))
             # Contiguous, so that pha and fgr are views with upstream's strides.
             out = stage2(torch.cat([x, y], 1)).contiguous()
+            if epilogue:
+                out = torch.cat([out[:, :1].clamp(0, 1), (out[:, 1:] + src).clamp(0, 1)], 1)
             ref = torch.ones((B, 1, H // 4, W // 4), dtype=src.dtype, device=src.device)
             return out[:, :1], out[:, 1:], ref
 
@@ -222,7 +235,7 @@ class Refiner(nn.Module):
             # CPU runs them in chunks whose intermediates stay in cache and in
             # the malloc heap, instead of ~100 MB of fresh pages per frame.
             x = torch.cat([patches(idx[i:i + chunk]) for i in range(0, P, chunk)])
-        out = ops.run_compose(patch_backend, coarse, x, idx, valid, (H, W))
+        out = ops.run_compose(patch_backend, coarse, x, idx, valid, (H, W), src if epilogue else None)
         return out[:, :1], out[:, 1:], ref
 
     #: Patches per chunk on the CPU in eval mode (see forward).
