@@ -189,7 +189,10 @@ def main():
         name="pymatting_ext",
         version="0.1.0",
         description="Fast CPU/CUDA/Triton kernels for BackgroundMattingV2's refiner, as a drop-in replacement.",
-        packages=find_packages(include=["pymatting_ext", "pymatting_ext.*"]),
+        # NB: the Triton kernels live in kernels/triton beside the CUDA ones and
+        # are installed as pymatting_ext.triton_kernels.
+        packages=find_packages(include=["pymatting_ext", "pymatting_ext.*"]) + ["pymatting_ext.triton_kernels"],
+        package_dir={"pymatting_ext.triton_kernels": "kernels/triton"},
         ext_modules=[ext],
         cmdclass={"build_ext": build_ext},
         python_requires=">=3.9",

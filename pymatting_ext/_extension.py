@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-__all__ = ["available", "load_error", "require", "build_config", "cuda_compiled"]
+__all__ = ["available", "load_error", "require", "build_config", "cuda_compiled", "cuda_kernels"]
 
 try:
     from ._build_config import BUILD_CONFIG
@@ -40,6 +40,12 @@ def build_config() -> dict:
 def cuda_compiled() -> bool:
     """True if the loaded extension holds the CUDA sources."""
     return available() and hasattr(torch.ops.pymatting_ext, "cuda_build_info")
+
+
+def cuda_kernels() -> bool:
+    """True if the CUDA kernels of the ops are registered (an extension built
+    with its CUDA sources)."""
+    return available() and torch._C._dispatch_has_kernel_for_dispatch_key("pymatting_ext::crop", "CUDA")
 
 
 def _explain() -> str:

@@ -59,8 +59,9 @@ def _check_idx(op, idx, device, rows=None):
 
 
 def _check_idx_values(op, idx, grid):
-    """Range check of idx's values for the reference, whose indexing would
-    clamp or wrap silently. (The compiled kernels check in C++.)"""
+    """Range check of idx's values, on the host (it synchronises): the
+    reference's indexing would clamp or wrap silently, and the GPU kernels can
+    only assert on the device. (The C++ CPU kernels check for themselves.)"""
     if idx.numel() == 0:
         return
     upper = torch.tensor(grid, device=idx.device)
@@ -99,7 +100,7 @@ def select_sampling(err: torch.Tensor, k: int, prevent_oversampling: bool = True
     never synchronises with the device."""
     _check_err("select_sampling", err)
     _check_int("select_sampling", "k", k, 0)
-    return run_select_sampling(resolve(backend, err.device), err, k, bool(prevent_oversampling))
+    return run_select_sampling(resolve(backend, err.device, err.dtype), err, k, bool(prevent_oversampling))
 
 
 def select_thresholding(err: torch.Tensor, threshold: float, *,
@@ -110,7 +111,7 @@ def select_thresholding(err: torch.Tensor, threshold: float, *,
     _check_err("select_thresholding", err)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"select_thresholding: threshold must be a float, got {type(threshold).__name__}")
-    return run_select_thresholding(resolve(backend, err.device), err, float(threshold))
+    return run_select_thresholding(resolve(backend, err.device, err.dtype), err, float(threshold))
 
 
 def crop(inputs: Sequence[torch.Tensor], idx: torch.Tensor, stride: int, padding: int,
@@ -143,8 +144,8 @@ def crop(inputs: Sequence[torch.Tensor], idx: torch.Tensor, stride: int, padding
     patch_size = (stride + 2 * padding,) * 2 if patch_size is None else tuple(patch_size)
     _check_size(op, "patch_size", patch_size)
     _check_idx(op, idx, inputs[0].device)
-    b = resolve(backend, inputs[0].device)
-    if b == "reference":
+    b = resolve(backend, inputs[0].device, inputs[0].dtype)
+    if b != "cpu":
         _check_idx_values(op, idx, (inputs[0].shape[0], -(-image_size[0] // stride), -(-image_size[1] // stride)))
     return run_crop(b, inputs, idx, stride, padding, image_size, patch_size)
 
@@ -172,8 +173,8 @@ def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
         raise ValueError(f"{op}: x's height and width {tuple(x.shape[2:])} must be divisible by the patch size {s}")
     _check_idx(op, idx, x.device, patches.shape[0])
     _check_valid(op, valid, idx)
-    b = resolve(backend, x.device)
-    if b == "reference":
+    b = resolve(backend, x.device, x.dtype)
+    if b != "cpu":
         _check_idx_values(op, idx, (x.shape[0], x.shape[2] // s, x.shape[3] // s))
     return run_replace(b, x, patches, idx, valid)
 
@@ -205,8 +206,8 @@ def compose(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
         if coarse.shape[1] < 2 or tuple(src.shape) != want:
             raise ValueError(f"{op}: src must have shape {want} (coarse holds alpha then the foreground), "
                              f"got {tuple(src.shape)}")
-    b = resolve(backend, coarse.device)
-    if b == "reference":
+    b = resolve(backend, coarse.device, coarse.dtype)
+    if b != "cpu":
         _check_idx_values(op, idx, (coarse.shape[0], size[0] // s, size[1] // s))
     return run_compose(b, coarse, patches, idx, valid, size, src)
 
@@ -215,16 +216,22 @@ def compose(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
 # made their own checks and whose idx comes from a select op (Refiner): the
 # reference's value check of idx would synchronise with the device.
 
+def _compiled(backend: str):
+    """The op namespace of a compiled backend: the C++ schemas (whose CPU and
+    CUDA kernels the dispatcher picks by device) or the Triton ops."""
+    return torch.ops.pymatting_ext_triton if backend == "triton" else torch.ops.pymatting_ext
+
+
 def run_select_sampling(backend: str, err, k: int, prevent_oversampling: bool):
     if backend == "reference":
         return reference.select_sampling(err, k, prevent_oversampling)
-    return torch.ops.pymatting_ext.select_sampling(err, k, prevent_oversampling)
+    return _compiled(backend).select_sampling(err, k, prevent_oversampling)
 
 
 def run_select_thresholding(backend: str, err, threshold: float):
     if backend == "reference":
         return reference.select_thresholding(err, threshold)
-    return torch.ops.pymatting_ext.select_thresholding(err, threshold)
+    return _compiled(backend).select_thresholding(err, threshold)
 
 
 def run_crop(backend: str, inputs, idx, stride: int, padding: int, image_size, patch_size=None):
@@ -232,16 +239,16 @@ def run_crop(backend: str, inputs, idx, stride: int, padding: int, image_size, p
         patch_size = (stride + 2 * padding,) * 2
     if backend == "reference":
         return reference.crop(inputs, idx, stride, padding, tuple(image_size), tuple(patch_size))
-    return torch.ops.pymatting_ext.crop(inputs, idx, stride, padding, list(image_size), list(patch_size))
+    return _compiled(backend).crop(list(inputs), idx, stride, padding, list(image_size), list(patch_size))
 
 
 def run_replace(backend: str, x, patches, idx, valid):
     if backend == "reference":
         return reference.replace(x, patches, idx, valid)
-    return torch.ops.pymatting_ext.replace(x, patches, idx, valid)
+    return _compiled(backend).replace(x, patches, idx, valid)
 
 
 def run_compose(backend: str, coarse, patches, idx, valid, size, src=None):
     if backend == "reference":
         return reference.compose(coarse, patches, idx, valid, tuple(size), src)
-    return torch.ops.pymatting_ext.compose(coarse, patches, idx, valid, list(size), src)
+    return _compiled(backend).compose(coarse, patches, idx, valid, list(size), src)

@@ -40,9 +40,9 @@ class Refiner(nn.Module):
     ``patch_replace_method`` are accepted for compatibility: every choice
     gives the same (correct, also for batch > 1) result.
 
-    ``backend`` chooses the implementation of the ops: 'auto' (the C++ kernels
-    for CPU tensors when the extension is loaded, else the reference), 'cpu',
-    or 'reference'. While autograd records (grad enabled and an input or
+    ``backend`` chooses the implementation of the ops: 'auto', 'cpu', 'cuda',
+    'triton' or 'reference' (see pymatting_ext._backend for what 'auto'
+    picks, and the PYMATTING_EXT_BACKEND environment variable). While autograd records (grad enabled and an input or
     parameter requires grad), the differentiable reference ops run instead of
     the compiled ones, so training and gradients match upstream; run inference
     under ``torch.no_grad()`` or ``torch.inference_mode()`` for speed.
@@ -177,7 +177,7 @@ class Refiner(nn.Module):
     def _run(self, src: torch.Tensor, bgr: torch.Tensor, pha: torch.Tensor, fgr: torch.Tensor,
              err: torch.Tensor, hid: torch.Tensor, epilogue: bool):
         self._check_inputs(src, bgr, pha, fgr, err, hid)
-        backend = resolve(self.backend, src.device)
+        backend = resolve(self.backend, src.device, src.dtype)
         records_grad = torch.is_grad_enabled() and (
             any(t.requires_grad for t in (src, bgr, pha, fgr, err, hid))
             or any(p.requires_grad for p in self.parameters()))

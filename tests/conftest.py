@@ -1,5 +1,15 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU, the Triton kernels run on CPU tensors through Triton's
+# interpreter. It must be chosen before the kernels are defined (first use of
+# backend='triton').
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pymatting_ext import _backend, _extension  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -7,6 +17,40 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _triton_runs(device):
+    ok, why = _backend.triton_status()
+    if not ok:
+        return False, why
+    if device == "cpu" and not _backend.triton_interpreting():
+        return False, "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+    return True, ""
+
+
+def _backend_case(device, backend):
+    marks = [needs_cuda] if device == "cuda" else []
+    if backend == "cuda" and torch.cuda.is_available() and not _extension.cuda_kernels():
+        # A GPU but an extension without CUDA kernels is a build failure.
+        marks.append(pytest.mark.xfail(reason="extension built without CUDA kernels", strict=True))
+    if backend == "triton":
+        ok, why = _triton_runs(device)
+        if not ok:
+            marks.append(pytest.mark.skip(reason=why))
+    return pytest.param(device, backend, marks=marks, id=f"{device}-{backend}")
+
+
+#: (device, backend) pairs that the op and Refiner tests run: every compiled
+#: backend on every device it serves.
+BACKEND_CASES = [_backend_case("cpu", "cpu"), _backend_case("cpu", "triton"),
+                 _backend_case("cuda", "cuda"), _backend_case("cuda", "triton")]
+
+
+def skip_unsupported(backend, dtype):
+    """Triton's kernels take float32/float16/bfloat16; test_triton checks the
+    error it gives for float64."""
+    if backend == "triton" and dtype not in _backend.TRITON_DTYPES:
+        pytest.skip(f"backend='triton' does not support {dtype} (it raises; see test_triton.py)")
 
 
 @pytest.fixture(autouse=True)
@@ -26,4 +70,11 @@ def _no_tf32():
 
 def compiled_backends(device):
     """The compiled backends that run on `device` ('reference' excluded)."""
-    return ["cpu"] if device == "cpu" else []
+    out = []
+    if device == "cpu" and _extension.available():
+        out.append("cpu")
+    if device == "cuda" and _extension.cuda_kernels():
+        out.append("cuda")
+    if _triton_runs(device)[0]:
+        out.append("triton")
+    return out

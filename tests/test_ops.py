@@ -8,17 +8,16 @@ import torch.nn.functional as F
 import pymatting_ext as pm
 from pymatting_ext import reference
 
-from conftest import DEVICES, DTYPES
+from conftest import BACKEND_CASES, DTYPES, compiled_backends, skip_unsupported
+
+#: The compiled backends that take CPU tensors here (Triton through its
+#: interpreter when there is no GPU).
+CPU_BACKENDS = compiled_backends("cpu")
 from helpers import assert_close
 
 # Tolerance of the compiled bilinear against F.interpolate's: the same
 # formula, but PyTorch's own kernel may contract to FMA.
 ATOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def backend_for(device):
-    # On the CPU, the C++ kernels; on a GPU, whatever 'auto' picks there.
-    return "cpu" if device == "cpu" else "auto"
 
 
 def layouts(t, kind):
@@ -40,14 +39,15 @@ def cpu(*ts):
 
 # -- select_sampling ---------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,k", [((1, 1, 7, 9), 5), ((3, 1, 13, 11), 40), ((2, 1, 5, 6), 30),
                                      ((2, 1, 5, 6), 0), ((2, 1, 4, 4), 100)])
 @pytest.mark.parametrize("prevent", [True, False])
-def test_select_sampling_matches_reference(device, dtype, shape, k, prevent):
+def test_select_sampling_matches_reference(device, backend, dtype, shape, k, prevent):
+    skip_unsupported(backend, dtype)
     err = (torch.rand(shape) - 0.2).to(dtype).to(device)
-    got = pm.select_sampling(err, k, prevent, backend=backend_for(device))
+    got = pm.select_sampling(err, k, prevent, backend=backend)
     want = reference.select_sampling(err.cpu(), k, prevent)
     for g, w, name in zip(got, want, ("ref", "idx", "valid")):
         assert g.device.type == device
@@ -59,9 +59,10 @@ def test_select_sampling_matches_reference(device, dtype, shape, k, prevent):
     assert idx.shape == (shape[0] * n, 3)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_select_sampling_ties_nan_and_signed_zero(device, dtype):
+def test_select_sampling_ties_nan_and_signed_zero(device, backend, dtype):
+    skip_unsupported(backend, dtype)
     # Few distinct values: most of the choice is tie-breaking.
     err = torch.randint(0, 4, (3, 1, 9, 10)).to(dtype) / 4
     err[0, 0, 2, 3] = float("nan")
@@ -70,25 +71,26 @@ def test_select_sampling_ties_nan_and_signed_zero(device, dtype):
     err[2] = 0.5
     err = err.to(device)
     for k in (1, 17, 45, 89, 90):
-        got = pm.select_sampling(err, k, True, backend=backend_for(device))
+        got = pm.select_sampling(err, k, True, backend=backend)
         want = reference.select_sampling(err.cpu(), k, True)
         for g, w in zip(got, want):
             assert torch.equal(g.cpu(), w)
     # Image 2 is all ties: the first k cells in row-major order.
-    _, idx, _ = pm.select_sampling(err, 7, False, backend=backend_for(device))
+    _, idx, _ = pm.select_sampling(err, 7, False, backend=backend)
     rows = idx.cpu()[idx.cpu()[:, 0] == 2]
     assert rows[:, 1:].tolist() == [[0, x] for x in range(7)]
     # NaN counts as the largest (picked first) but is not valid (not > 0).
-    ref, idx, valid = pm.select_sampling(err, 1, True, backend=backend_for(device))
+    ref, idx, valid = pm.select_sampling(err, 1, True, backend=backend)
     assert idx.cpu()[0].tolist() == [0, 2, 3] and not bool(valid.cpu()[0]) and ref.cpu()[0].sum() == 0
 
 
-def test_select_sampling_signed_zero_ties():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_select_sampling_signed_zero_ties(backend):
     # -0.0 == +0.0, so they tie and the lower index wins, whatever the sign.
     err = torch.tensor([[[[0.0, -0.0, 0.0, -0.0]]]])
     err2 = torch.tensor([[[[-0.0, 0.0, -0.0, 0.0]]]])
     for e in (err, err2):
-        _, idx, _ = pm.select_sampling(e, 2, False, backend="cpu")
+        _, idx, _ = pm.select_sampling(e, 2, False, backend=backend)
         assert idx[:, 2].tolist() == [0, 1]
 
 
@@ -106,25 +108,28 @@ def test_reference_select_matches_topk_without_ties():
 
 # -- select_thresholding -----------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 7, 9), (3, 1, 31, 17), (2, 1, 64, 300)])
 @pytest.mark.parametrize("threshold", [0.1, 0.5, 2.0, -1.0])
-def test_select_thresholding_matches_reference(device, dtype, shape, threshold):
+def test_select_thresholding_matches_reference(device, backend, dtype, shape, threshold):
+    skip_unsupported(backend, dtype)
     err = torch.rand(shape).to(dtype).to(device)
-    ref, idx = pm.select_thresholding(err, threshold, backend=backend_for(device))
+    ref, idx = pm.select_thresholding(err, threshold, backend=backend)
     want_ref, want_idx = reference.select_thresholding(err.cpu(), threshold)
     assert ref.dtype == torch.float32 and idx.dtype == torch.int64
     assert torch.equal(ref.cpu(), want_ref) and torch.equal(idx.cpu(), want_idx)
     assert torch.equal(want_idx, torch.nonzero(err.cpu()[:, 0] > threshold))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_select_thresholding_rounds_threshold_to_dtype(dtype):
+def test_select_thresholding_rounds_threshold_to_dtype(backend, dtype):
+    skip_unsupported(backend, dtype)
     # As torch.gt: 0.1 is first rounded to err's dtype, so err == round(0.1)
     # is not selected.
     err = torch.full((1, 1, 2, 2), 0.1, dtype=dtype)
-    ref, idx = pm.select_thresholding(err, 0.1, backend="cpu")
+    ref, idx = pm.select_thresholding(err, 0.1, backend=backend)
     assert ref.sum() == 0 and idx.shape == (0, 3)
     assert ref.sum() == err.gt(0.1).sum()
 
@@ -159,14 +164,15 @@ def crop_case(B, device, dtype, layout, stride=2):
     return inputs, idx.to(device), (H, W)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("stride,padding,patch", [(2, 3, None), (2, 0, None), (4, 2, None), (2, 1, (5, 9))])
-def test_crop_matches_reference(device, dtype, layout, B, stride, padding, patch):
+def test_crop_matches_reference(device, backend, dtype, layout, B, stride, padding, patch):
+    skip_unsupported(backend, dtype)
     inputs, idx, size = crop_case(B, device, dtype, layout, stride)
-    got = pm.crop(inputs, idx, stride, padding, size, patch, backend=backend_for(device))
+    got = pm.crop(inputs, idx, stride, padding, size, patch, backend=backend)
     want = reference.crop(cpu(*inputs), idx.cpu(), stride, padding, size, patch)
     ph, pw = patch or (stride + 2 * padding,) * 2
     assert got.shape == (idx.shape[0], 11, ph, pw) and got.dtype == dtype
@@ -184,24 +190,25 @@ def test_reference_crop_matches_independent_construction(dtype):
         assert torch.equal(reference.crop(inputs, idx, stride, padding, size, patch), want)
 
 
-def test_crop_bilinear_within_an_ulp_of_interpolate_at_refiner_scales():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_crop_bilinear_within_an_ulp_of_interpolate_at_refiner_scales(backend):
     # The Refiner's resamples: x2 up (coarse at 1/4) and /2 down (full res).
     # PyTorch's vectorised kernel rounds differently in the last bit.
     hid = torch.rand(2, 32, 27, 48)
     src = torch.rand(2, 3, 108, 192)
     _, idx, _ = reference.select_sampling(torch.rand(2, 1, 27, 48), 100, False)
-    got = pm.crop([hid, src], idx, 2, 3, (54, 96), backend="cpu")
+    got = pm.crop([hid, src], idx, 2, 3, (54, 96), backend=backend)
     assert_close(got, crop_independent([hid, src], idx, 2, 3, (54, 96), (8, 8)), 1.2e-7)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_crop_empty_and_whole_image(device):
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_crop_empty_and_whole_image(device, backend):
     x = torch.rand(2, 3, 10, 14, device=device)
     empty = torch.zeros((0, 3), dtype=torch.long, device=device)
-    out = pm.crop([x], empty, 2, 3, (20, 28), backend=backend_for(device))
+    out = pm.crop([x], empty, 2, 3, (20, 28), backend=backend)
     assert out.shape == (0, 3, 8, 8)
     whole = torch.tensor([[0, 0, 0], [1, 0, 0]], device=device)
-    out = pm.crop([x], whole, 1, 3, (20, 28), (26, 34), backend=backend_for(device))
+    out = pm.crop([x], whole, 1, 3, (20, 28), (26, 34), backend=backend)
     want = F.pad(F.interpolate(x.cpu(), (20, 28), mode="bilinear", align_corners=False), (3, 3, 3, 3))
     assert_close(out.cpu(), want, 1e-6)
 
@@ -219,18 +226,19 @@ def replace_case(B, C, H, W, P, s, device, dtype):
     return x, patches, idx, valid
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,C,H,W,P,s", [(1, 4, 8, 12, 5, 4), (3, 2, 20, 16, 40, 4), (2, 3, 9, 6, 7, 3),
                                          (2, 4, 8, 8, 0, 4)])
 @pytest.mark.parametrize("with_valid", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_replace_matches_reference(device, dtype, B, C, H, W, P, s, with_valid, layout):
+def test_replace_matches_reference(device, backend, dtype, B, C, H, W, P, s, with_valid, layout):
+    skip_unsupported(backend, dtype)
     x, patches, idx, valid = replace_case(B, C, H, W, P, s, device, dtype)
     x = layouts(x, layout)
     patches = layouts(patches, layout)
     valid = valid if with_valid else None
-    got = pm.replace(x, patches, idx, valid, backend=backend_for(device))
+    got = pm.replace(x, patches, idx, valid, backend=backend)
     want = reference.replace(*cpu(x, patches, idx, valid))
     assert torch.equal(got.cpu(), want)
     assert torch.equal(x.cpu(), cpu(x)[0])  # out of place
@@ -247,19 +255,20 @@ def test_reference_replace_by_sequential_loop():
 
 # -- compose -----------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,Hc,Wc,H,W,P", [(1, 5, 7, 20, 28, 9), (3, 11, 6, 44, 24, 50), (2, 9, 13, 20, 28, 0),
                                             (2, 30, 41, 120, 164, 200)])
 @pytest.mark.parametrize("with_valid", [False, True])
 @pytest.mark.parametrize("epilogue", [False, True])
-def test_compose_matches_reference(device, dtype, B, Hc, Wc, H, W, P, with_valid, epilogue):
+def test_compose_matches_reference(device, backend, dtype, B, Hc, Wc, H, W, P, with_valid, epilogue):
+    skip_unsupported(backend, dtype)
     coarse = (torch.rand(B, 4, Hc, Wc) * 1.4 - 0.2).to(dtype).to(device)
     _, patches, idx, valid = replace_case(B, 4, H, W, P, 4, device, dtype)
     patches = patches * 1.4 - 0.2
     src = torch.rand(B, 3, H, W).to(dtype).to(device) if epilogue else None
     valid = valid if with_valid else None
-    got = pm.compose(coarse, patches, idx, valid, (H, W), src, backend=backend_for(device))
+    got = pm.compose(coarse, patches, idx, valid, (H, W), src, backend=backend)
     want = reference.compose(*cpu(coarse, patches, idx, valid), (H, W), *cpu(src))
     assert got.shape == (B, 4, H, W) and got.dtype == dtype and got.is_contiguous()
     assert_close(got.cpu(), want, ATOL[dtype], msg="compose")
@@ -267,32 +276,35 @@ def test_compose_matches_reference(device, dtype, B, Hc, Wc, H, W, P, with_valid
         assert float(got.min()) >= 0 and float(got.max()) <= 1
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
-def test_compose_within_an_ulp_of_interpolate_with_strided_inputs(layout):
+def test_compose_within_an_ulp_of_interpolate_with_strided_inputs(backend, layout):
     coarse = layouts(torch.rand(2, 4, 30, 41), layout)
     patches = torch.rand(0, 4, 4, 4)
-    got = pm.compose(coarse, patches, torch.zeros((0, 3), dtype=torch.long), None, (120, 164), backend="cpu")
+    got = pm.compose(coarse, patches, torch.zeros((0, 3), dtype=torch.long), None, (120, 164), backend=backend)
     assert_close(got, F.interpolate(coarse, (120, 164), mode="bilinear", align_corners=False), 1.2e-7)
 
 
-def test_compose_epilogue_rounds_like_matting_refine():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compose_epilogue_rounds_like_matting_refine(backend):
     # MattingRefine: pha.clamp_(0, 1); fgr.add_(src).clamp_(0, 1), in the dtype.
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         coarse = (torch.randn(2, 4, 6, 7) * 2).to(dtype)
         src = torch.rand(2, 3, 24, 28).to(dtype)
         empty = torch.zeros((0, 3), dtype=torch.long)
-        got = pm.compose(coarse, torch.zeros(0, 4, 4, 4, dtype=dtype), empty, None, (24, 28), src, backend="cpu")
+        got = pm.compose(coarse, torch.zeros(0, 4, 4, 4, dtype=dtype), empty, None, (24, 28), src, backend=backend)
         up = F.interpolate(coarse, (24, 28), mode="bilinear", align_corners=False)
         want = torch.cat([up[:, :1].clamp(0, 1), up[:, 1:].add(src).clamp(0, 1)], 1)
         assert_close(got, want, ATOL[dtype])
 
 
-def test_compose_keeps_nan():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compose_keeps_nan(backend):
     coarse = torch.rand(1, 4, 4, 4)
     coarse[0, 0, 1, 1] = float("nan")
     src = torch.rand(1, 3, 16, 16)
     got = pm.compose(coarse, torch.zeros(0, 4, 4, 4), torch.zeros((0, 3), dtype=torch.long), None, (16, 16), src,
-                     backend="cpu")
+                     backend=backend)
     want = reference.compose(coarse, torch.zeros(0, 4, 4, 4), torch.zeros((0, 3), dtype=torch.long), None,
                              (16, 16), src)
     assert bool(torch.isnan(got).any())

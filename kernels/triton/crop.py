@@ -1,0 +1,82 @@
+"""Triton kernel of crop: patches from the channel concatenation of several
+inputs, each sampled from a bilinear resize on the fly, zeros outside.
+
+The output is channels-last (memory order P, ph, pw, C). One launch per
+input: program (p, t) writes tile t of patch p's ph*pw*C_i values of that
+input's channels, channel fastest, so neighbouring lanes write neighbouring
+addresses.
+"""
+from typing import List, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import check_dtype, linear_scale, linear_tap, wrap
+
+_BLOCK = 256
+
+
+@triton.jit
+def _crop_kernel(x_ptr, idx_ptr, out_ptr,
+                 sxb, sxc, sxh, sxw,
+                 channels, in_h, in_w, out_channels, channel_offset,
+                 height, width, stride, padding, patch_h, patch_w,
+                 scale_h, scale_w,
+                 RESAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = e < patch_h * patch_w * channels
+    c = e % channels
+    pix = e // channels
+    py = pix // patch_w
+    px = pix % patch_w
+    b = tl.load(idx_ptr + p * 3)
+    y = (tl.load(idx_ptr + p * 3 + 1) * stride - padding + py).to(tl.int32)
+    x = (tl.load(idx_ptr + p * 3 + 2) * stride - padding + px).to(tl.int32)
+    inside = m & (y >= 0) & (y < height) & (x >= 0) & (x < width)
+    plane = x_ptr + b * sxb + c.to(tl.int64) * sxc
+    if RESAMPLE:
+        dtype: tl.constexpr = out_ptr.dtype.element_ty
+        y0, y1, wy0, wy1 = linear_tap(y, in_h, scale_h, dtype)
+        x0, x1, wx0, wx1 = linear_tap(x, in_w, scale_w, dtype)
+        r0 = plane + y0.to(tl.int64) * sxh
+        r1 = plane + y1.to(tl.int64) * sxh
+        v00 = tl.load(r0 + x0.to(tl.int64) * sxw, mask=inside, other=0.0).to(tl.float32)
+        v01 = tl.load(r0 + x1.to(tl.int64) * sxw, mask=inside, other=0.0).to(tl.float32)
+        v10 = tl.load(r1 + x0.to(tl.int64) * sxw, mask=inside, other=0.0).to(tl.float32)
+        v11 = tl.load(r1 + x1.to(tl.int64) * sxw, mask=inside, other=0.0).to(tl.float32)
+        v = (v00 * wx0 + v01 * wx1) * wy0 + (v10 * wx0 + v11 * wx1) * wy1
+        v = tl.where(inside, v, 0.0)
+    else:
+        v = tl.load(plane + y.to(tl.int64) * sxh + x.to(tl.int64) * sxw, mask=inside, other=0.0)
+    dst = out_ptr + p * patch_h * patch_w * out_channels + pix.to(tl.int64) * out_channels + channel_offset + c
+    tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def crop(inputs: List[torch.Tensor], idx: torch.Tensor, stride: int, padding: int,
+         image_size: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
+    for i, t in enumerate(inputs):
+        check_dtype("crop", f"inputs[{i}]", t)
+    H, W = int(image_size[0]), int(image_size[1])
+    PH, PW = int(patch_size[0]), int(patch_size[1])
+    P = idx.shape[0]
+    C = sum(t.shape[1] for t in inputs)
+    first = inputs[0]
+    out = torch.empty((P, C, PH, PW), dtype=first.dtype, device=first.device,
+                      memory_format=torch.channels_last)
+    if P == 0 or C == 0:
+        return out
+    idx = idx.contiguous()
+    offset = 0
+    for t in inputs:
+        Ci, Hi, Wi = t.shape[1], t.shape[2], t.shape[3]
+        if Ci == 0:
+            continue
+        resample = (Hi, Wi) != (H, W)
+        grid = (P, triton.cdiv(PH * PW * Ci, _BLOCK))
+        wrap(_crop_kernel)[grid](
+            t, idx, out, *t.stride(), Ci, Hi, Wi, C, offset, H, W, stride, padding, PH, PW,
+            linear_scale(Hi, H), linear_scale(Wi, W), RESAMPLE=resample, BLOCK=_BLOCK)
+        offset += Ci
+    return out
