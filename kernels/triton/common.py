@@ -36,6 +36,13 @@ def wrap(kernel):
     return _wrap_triton(kernel) if _wrap_triton is not None else kernel
 
 
+def block_size(gpu: int, interpreted: int) -> int:
+    """A kernel's elements per program: `gpu` when compiled; under the
+    interpreter, whose cost is per program, the larger `interpreted`. The
+    kernels mask every access, so any power of two computes the same."""
+    return gpu if isinstance(_probe, triton.runtime.jit.JITFunction) else interpreted
+
+
 def linear_scale(in_size: int, out_size: int) -> float:
     """in/out as PyTorch computes it for a float32 resize: one correctly
     rounded float32 division (a float32 kernel argument carries it exactly)."""
@@ -43,10 +50,29 @@ def linear_scale(in_size: int, out_size: int) -> float:
 
 
 @triton.jit
+def _probe():
+    pass
+
+
+@triton.jit
+def to_dtype(v, dtype: tl.constexpr):
+    """float32 v converted to `dtype`, rounding to nearest even.
+
+    NB: for bfloat16 the rounding is done by hand: Triton's interpreter
+    truncates float32 -> bfloat16, the GPU rounds to nearest; by hand both
+    give PyTorch's result."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        v = tl.where(v != v, v, rounded.to(tl.float32, bitcast=True))
+    return v.to(dtype)
+
+
+@triton.jit
 def round_to(v, dtype: tl.constexpr):
     """v (float32) rounded to `dtype` and back, as PyTorch rounds the
     bilinear weights to the tensor's dtype."""
-    return v.to(dtype).to(tl.float32)
+    return to_dtype(v, dtype).to(tl.float32)
 
 
 @triton.jit

@@ -13,9 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_dtype, clamp01, linear_scale, linear_tap, wrap
-
-_BLOCK = 512
+from .common import block_size, check_dtype, clamp01, linear_scale, linear_tap, to_dtype, wrap
 
 
 @triton.jit
@@ -79,8 +77,9 @@ def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
     if out.numel() == 0:
         return out
     cells = _cell_map(idx, valid, B, H // s, W // s, x.device)
-    wrap(_replace_kernel)[(triton.cdiv(out.numel(), _BLOCK),)](
-        x, patches, cells, out, out.numel(), C, H, W, s, *x.stride(), *patches.stride(), BLOCK=_BLOCK)
+    block = block_size(1024, 8192)
+    wrap(_replace_kernel)[(triton.cdiv(out.numel(), block),)](
+        x, patches, cells, out, out.numel(), C, H, W, s, *x.stride(), *patches.stride(), BLOCK=block)
     return out
 
 
@@ -111,14 +110,14 @@ def _compose_kernel(coarse_ptr, patch_ptr, cell_ptr, src_ptr, out_ptr, total, ch
         v01 = tl.load(r0 + x1.to(tl.int64) * scw, mask=up, other=0.0).to(tl.float32)
         v10 = tl.load(r1 + x0.to(tl.int64) * scw, mask=up, other=0.0).to(tl.float32)
         v11 = tl.load(r1 + x1.to(tl.int64) * scw, mask=up, other=0.0).to(tl.float32)
-        v = ((v00 * wx0 + v01 * wx1) * wy0 + (v10 * wx0 + v11 * wx1) * wy1).to(dtype)
+        v = to_dtype((v00 * wx0 + v01 * wx1) * wy0 + (v10 * wx0 + v11 * wx1) * wy1, dtype)
     v = tl.where(has, pv.to(dtype), v)
     if EPILOGUE:
         cs = tl.maximum(c - 1, 0)
         sv = tl.load(src_ptr + b * ssb + cs * ssc + y * ssh + x * ssw, mask=m & (c > 0), other=0.0)
         # fgr + src is rounded to the dtype before the clamp, as upstream's
         # out-of-place add.
-        summed = (v.to(tl.float32) + sv.to(tl.float32)).to(dtype)
+        summed = to_dtype(v.to(tl.float32) + sv.to(tl.float32), dtype)
         v = tl.where(c > 0, summed, v)
         v = clamp01(v.to(tl.float32)).to(dtype)
     tl.store(out_ptr + e, v, mask=m)
@@ -136,9 +135,10 @@ def compose(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
         return out
     cells = _cell_map(idx, valid, B, H // s, W // s, coarse.device)
     src_t = src if src is not None else coarse
-    wrap(_compose_kernel)[(triton.cdiv(out.numel(), _BLOCK),)](
+    block = block_size(1024, 8192)
+    wrap(_compose_kernel)[(triton.cdiv(out.numel(), block),)](
         coarse, patches, cells, src_t, out, out.numel(), C, H, W, Hc, Wc,
         linear_scale(Hc, H), linear_scale(Wc, W), s,
         *coarse.stride(), *patches.stride(), *src_t.stride(),
-        SAME=(Hc, Wc) == (H, W), EPILOGUE=src is not None, BLOCK=_BLOCK)
+        SAME=(Hc, Wc) == (H, W), EPILOGUE=src is not None, BLOCK=block)
     return out

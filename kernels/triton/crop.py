@@ -2,9 +2,9 @@
 inputs, each sampled from a bilinear resize on the fly, zeros outside.
 
 The output is channels-last (memory order P, ph, pw, C). One launch per
-input: program (p, t) writes tile t of patch p's ph*pw*C_i values of that
-input's channels, channel fastest, so neighbouring lanes write neighbouring
-addresses.
+input, over the P*ph*pw*C_i values of that input's channels in output order
+(patch, row, column, channel fastest), so that neighbouring lanes write
+neighbouring addresses.
 """
 from typing import List, Sequence
 
@@ -12,28 +12,28 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_dtype, linear_scale, linear_tap, wrap
-
-_BLOCK = 256
+from .common import block_size, check_dtype, linear_scale, linear_tap, to_dtype, wrap
 
 
 @triton.jit
-def _crop_kernel(x_ptr, idx_ptr, out_ptr,
+def _crop_kernel(x_ptr, idx_ptr, out_ptr, total,
                  sxb, sxc, sxh, sxw,
                  channels, in_h, in_w, out_channels, channel_offset,
                  height, width, stride, padding, patch_h, patch_w,
                  scale_h, scale_w,
                  RESAMPLE: tl.constexpr, BLOCK: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64)
-    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = e < patch_h * patch_w * channels
+    per_patch = patch_h * patch_w * channels
+    g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = g < total
+    p = g // per_patch
+    e = (g % per_patch).to(tl.int32)
     c = e % channels
     pix = e // channels
     py = pix // patch_w
     px = pix % patch_w
-    b = tl.load(idx_ptr + p * 3)
-    y = (tl.load(idx_ptr + p * 3 + 1) * stride - padding + py).to(tl.int32)
-    x = (tl.load(idx_ptr + p * 3 + 2) * stride - padding + px).to(tl.int32)
+    b = tl.load(idx_ptr + p * 3, mask=m, other=0)
+    y = (tl.load(idx_ptr + p * 3 + 1, mask=m, other=0) * stride - padding + py).to(tl.int32)
+    x = (tl.load(idx_ptr + p * 3 + 2, mask=m, other=0) * stride - padding + px).to(tl.int32)
     inside = m & (y >= 0) & (y < height) & (x >= 0) & (x < width)
     plane = x_ptr + b * sxb + c.to(tl.int64) * sxc
     if RESAMPLE:
@@ -47,7 +47,7 @@ def _crop_kernel(x_ptr, idx_ptr, out_ptr,
         v10 = tl.load(r1 + x0.to(tl.int64) * sxw, mask=inside, other=0.0).to(tl.float32)
         v11 = tl.load(r1 + x1.to(tl.int64) * sxw, mask=inside, other=0.0).to(tl.float32)
         v = (v00 * wx0 + v01 * wx1) * wy0 + (v10 * wx0 + v11 * wx1) * wy1
-        v = tl.where(inside, v, 0.0)
+        v = to_dtype(tl.where(inside, v, 0.0), dtype)
     else:
         v = tl.load(plane + y.to(tl.int64) * sxh + x.to(tl.int64) * sxw, mask=inside, other=0.0)
     dst = out_ptr + p * patch_h * patch_w * out_channels + pix.to(tl.int64) * out_channels + channel_offset + c
@@ -74,9 +74,10 @@ def crop(inputs: List[torch.Tensor], idx: torch.Tensor, stride: int, padding: in
         if Ci == 0:
             continue
         resample = (Hi, Wi) != (H, W)
-        grid = (P, triton.cdiv(PH * PW * Ci, _BLOCK))
-        wrap(_crop_kernel)[grid](
-            t, idx, out, *t.stride(), Ci, Hi, Wi, C, offset, H, W, stride, padding, PH, PW,
-            linear_scale(Hi, H), linear_scale(Wi, W), RESAMPLE=resample, BLOCK=_BLOCK)
+        total = P * PH * PW * Ci
+        block = block_size(1024, 16384)
+        wrap(_crop_kernel)[(triton.cdiv(total, block),)](
+            t, idx, out, total, *t.stride(), Ci, Hi, Wi, C, offset, H, W, stride, padding, PH, PW,
+            linear_scale(Hi, H), linear_scale(Wi, W), RESAMPLE=resample, BLOCK=block)
         offset += Ci
     return out

@@ -11,9 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_dtype, wrap
-
-_BLOCK = 1024
+from .common import block_size, check_dtype, wrap
 
 
 @triton.jit
@@ -94,7 +92,7 @@ def select_sampling(err: torch.Tensor, k: int, prevent_oversampling: bool):
     valid = torch.empty((B * k,), dtype=torch.bool, device=e.device)
     if B * k > 0:
         wrap(_select_sampling_kernel)[(B,)](e, ref, idx, valid, H * W, W, k,
-                                            PREVENT=bool(prevent_oversampling), BLOCK=_BLOCK)
+                                            PREVENT=bool(prevent_oversampling), BLOCK=block_size(1024, 8192))
     return ref, idx, valid
 
 
@@ -135,13 +133,14 @@ def select_thresholding(err: torch.Tensor, threshold: float):
     thr = float(torch.tensor(threshold, dtype=e.dtype))
     if total == 0:
         return ref, torch.empty((0, 3), dtype=torch.int64, device=e.device)
-    tiles = triton.cdiv(total, _BLOCK)
+    block = block_size(1024, 8192)
+    tiles = triton.cdiv(total, block)
     counts = torch.empty((tiles,), dtype=torch.int32, device=e.device)
-    wrap(_threshold_count_kernel)[(tiles,)](e, ref, counts, total, thr, BLOCK=_BLOCK)
+    wrap(_threshold_count_kernel)[(tiles,)](e, ref, counts, total, thr, BLOCK=block)
     ends = torch.cumsum(counts, 0, dtype=torch.int64)
     # NB: the one host synchronisation: the number of selected cells.
     count = int(ends[-1])
     idx = torch.empty((count, 3), dtype=torch.int64, device=e.device)
     if count > 0:
-        wrap(_threshold_write_kernel)[(tiles,)](ref, ends, idx, total, H * W, W, BLOCK=_BLOCK)
+        wrap(_threshold_write_kernel)[(tiles,)](ref, ends, idx, total, H * W, W, BLOCK=block)
     return ref, idx
