@@ -12,7 +12,8 @@ from .ops import compose, crop, replace, select_sampling, select_thresholding
 from .refiner import Refiner
 
 if _extension.available():
-    from . import _meta  # noqa: F401  (fake kernels for the C++ schemas)
+    from . import _meta
+    _meta.register("pymatting_ext")  # fake kernels for the C++ schemas
 else:
     _extension.warn_if_missing()
 

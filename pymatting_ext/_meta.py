@@ -1,42 +1,50 @@
-"""Fake (meta) kernels of the compiled ops, so that torch.compile,
+"""Fake (meta) kernels of the ops, so that torch.compile,
 torch.library.opcheck and FakeTensor tracing know their output shapes.
-Imported only when the extension is loaded (the schemas live in C++)."""
+
+``register(namespace)`` attaches them to the C++ schemas (namespace
+'pymatting_ext', done at import when the extension is loaded); the Triton
+ops reuse them where they are opaque (see _triton.py)."""
 import torch
 
-__all__ = []
+__all__ = ["FAKES", "register"]
 
 
 def _min_cells(k, err):
     return min(k, err.shape[2] * err.shape[3])
 
 
-@torch.library.register_fake("pymatting_ext::select_sampling")
-def _select_sampling_fake(err, k, prevent_oversampling):
+def select_sampling_fake(err, k, prevent_oversampling):
     torch._check(k >= 0, lambda: f"select_sampling: k must be non-negative, got {k}")
     n = err.shape[0] * _min_cells(k, err)
     ref = err.new_empty(err.shape)
     return ref, err.new_empty((n, 3), dtype=torch.long), err.new_empty((n,), dtype=torch.bool)
 
 
-@torch.library.register_fake("pymatting_ext::select_thresholding")
-def _select_thresholding_fake(err, threshold):
+def select_thresholding_fake(err, threshold):
     count = torch.library.get_ctx().new_dynamic_size()
     return err.new_empty(err.shape, dtype=torch.float32), err.new_empty((count, 3), dtype=torch.long)
 
 
-@torch.library.register_fake("pymatting_ext::crop")
-def _crop_fake(inputs, idx, stride, padding, image_size, patch_size):
+def crop_fake(inputs, idx, stride, padding, image_size, patch_size):
     channels = sum(t.shape[1] for t in inputs)
     return torch.empty((idx.shape[0], channels, patch_size[0], patch_size[1]),
                        dtype=inputs[0].dtype, device=inputs[0].device,
                        memory_format=torch.channels_last)
 
 
-@torch.library.register_fake("pymatting_ext::replace")
-def _replace_fake(x, patches, idx, valid):
+def replace_fake(x, patches, idx, valid):
+    # x's layout, as the compiled kernels return it.
     return torch.empty_like(x)
 
 
-@torch.library.register_fake("pymatting_ext::compose")
-def _compose_fake(coarse, patches, idx, valid, size, src):
+def compose_fake(coarse, patches, idx, valid, size, src):
     return coarse.new_empty((coarse.shape[0], coarse.shape[1], size[0], size[1]))
+
+
+FAKES = {"select_sampling": select_sampling_fake, "select_thresholding": select_thresholding_fake,
+         "crop": crop_fake, "replace": replace_fake, "compose": compose_fake}
+
+
+def register(namespace: str):
+    for name, fake in FAKES.items():
+        torch.library.register_fake(f"{namespace}::{name}", fake)

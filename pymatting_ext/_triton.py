@@ -5,7 +5,9 @@ pymatting_ext.triton_kernels) registered as ops in the namespace
 crop, replace, compose and select_sampling are ``torch.library.triton_op``s,
 so torch.compile traces into their launches; select_thresholding reads its
 output size back from the device, so it is an opaque custom op with a fake
-kernel of data-dependent size, as the C++ op.
+kernel of data-dependent size, as the C++ op. Under Triton's interpreter
+(TRITON_INTERPRET=1) torch cannot trace kernels, so there every op is an
+opaque custom op with the C++ ops' fake kernels.
 
 Imported on first use of backend='triton' (see _backend.triton_status): Triton
 decides between compiling and interpreting (TRITON_INTERPRET=1) when the
@@ -17,17 +19,25 @@ import torch
 from torch import Tensor
 
 from . import triton_kernels as _k
+from ._meta import FAKES
 
 __all__ = []
 
 _NS = "pymatting_ext_triton"
 
-if hasattr(torch.library, "triton_op"):
-    def _op(name):
+#: True where torch.compile can trace into the kernels' launches.
+TRACEABLE = hasattr(torch.library, "triton_op") and _k.compiled()
+
+
+def _op(name):
+    if TRACEABLE:
         return torch.library.triton_op(f"{_NS}::{name}", mutates_args=())
-else:  # pragma: no cover - torch < 2.6: opaque to torch.compile
-    def _op(name):
-        return torch.library.custom_op(f"{_NS}::{name}", mutates_args=())
+
+    def opaque(fn):
+        op = torch.library.custom_op(f"{_NS}::{name}", mutates_args=())(fn)
+        op.register_fake(FAKES[name])
+        return op
+    return opaque
 
 
 @_op("select_sampling")
@@ -40,10 +50,7 @@ def select_thresholding(err: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
     return _k.select_thresholding(err, threshold)
 
 
-@select_thresholding.register_fake
-def _select_thresholding_fake(err, threshold):
-    count = torch.library.get_ctx().new_dynamic_size()
-    return err.new_empty(err.shape, dtype=torch.float32), err.new_empty((count, 3), dtype=torch.long)
+select_thresholding.register_fake(FAKES["select_thresholding"])
 
 
 @_op("crop")

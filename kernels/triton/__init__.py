@@ -11,8 +11,9 @@ Under ``TRITON_INTERPRET=1`` (set before this package is imported) the same
 kernels run on CPU tensors through Triton's interpreter: that is how CI
 tests them without a GPU.
 """
+from .common import compiled
 from .select import select_sampling, select_thresholding
 from .crop import crop
 from .compose import compose, replace
 
-__all__ = ["select_sampling", "select_thresholding", "crop", "replace", "compose"]
+__all__ = ["select_sampling", "select_thresholding", "crop", "replace", "compose", "compiled"]

@@ -36,11 +36,27 @@ def wrap(kernel):
     return _wrap_triton(kernel) if _wrap_triton is not None else kernel
 
 
+def compiled() -> bool:
+    """True if the kernels are compiled for the GPU, False under Triton's
+    interpreter (TRITON_INTERPRET=1 when they were defined)."""
+    return isinstance(_probe, triton.runtime.jit.JITFunction)
+
+
+def known_empty(n) -> bool:
+    """n == 0 for a size that may be symbolic while torch.compile traces:
+    False where it cannot be known (the launch then covers zero programs)."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+    except ImportError:  # pragma: no cover - older torch
+        return n == 0
+    return guard_or_false(n == 0)
+
+
 def block_size(gpu: int, interpreted: int) -> int:
     """A kernel's elements per program: `gpu` when compiled; under the
     interpreter, whose cost is per program, the larger `interpreted`. The
     kernels mask every access, so any power of two computes the same."""
-    return gpu if isinstance(_probe, triton.runtime.jit.JITFunction) else interpreted
+    return gpu if compiled() else interpreted
 
 
 def linear_scale(in_size: int, out_size: int) -> float:

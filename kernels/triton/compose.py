@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_size, check_dtype, clamp01, linear_scale, linear_tap, to_dtype, wrap
+from .common import block_size, check_dtype, clamp01, known_empty, linear_scale, linear_tap, to_dtype, wrap
 
 
 @triton.jit
@@ -35,7 +35,7 @@ def _cell_map_kernel(idx_ptr, valid_ptr, map_ptr, count, batch, cells_h, cells_w
 def _cell_map(idx, valid, batch, cells_h, cells_w, device):
     cells = torch.full((batch * cells_h * cells_w,), -1, dtype=torch.int32, device=device)
     P = idx.shape[0]
-    if P > 0:
+    if not known_empty(P):
         v = valid.contiguous() if valid is not None else idx
         wrap(_cell_map_kernel)[(triton.cdiv(P, 1024),)](
             idx.contiguous(), v, cells, P, batch, cells_h, cells_w,
@@ -55,7 +55,7 @@ def _patch_or(cell_ptr, patch_ptr, spp, spc, sph, spw, b, c, y, x, s, cells_h, c
 
 @triton.jit
 def _replace_kernel(x_ptr, patch_ptr, cell_ptr, out_ptr, total, channels, height, width, s,
-                    sxb, sxc, sxh, sxw, spp, spc, sph, spw, BLOCK: tl.constexpr):
+                    sxb, sxc, sxh, sxw, spp, spc, sph, spw, sob, soc, soh, sow, BLOCK: tl.constexpr):
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = e < total
     x = e % width
@@ -65,7 +65,7 @@ def _replace_kernel(x_ptr, patch_ptr, cell_ptr, out_ptr, total, channels, height
     pv, has = _patch_or(cell_ptr, patch_ptr, spp, spc, sph, spw, b, c, y, x, s,
                         height // s, width // s, m)
     xv = tl.load(x_ptr + b * sxb + c * sxc + y * sxh + x * sxw, mask=m & ~has, other=0.0)
-    tl.store(out_ptr + e, tl.where(has, pv, xv), mask=m)
+    tl.store(out_ptr + b * sob + c * soc + y * soh + x * sow, tl.where(has, pv, xv), mask=m)
 
 
 def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
@@ -73,13 +73,15 @@ def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
     check_dtype("replace", "x", x)
     B, C, H, W = x.shape
     s = patches.shape[-1]
-    out = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device)
+    # In x's layout, as the C++ kernels (x.clone()).
+    out = torch.empty_like(x)
     if out.numel() == 0:
         return out
     cells = _cell_map(idx, valid, B, H // s, W // s, x.device)
     block = block_size(1024, 8192)
     wrap(_replace_kernel)[(triton.cdiv(out.numel(), block),)](
-        x, patches, cells, out, out.numel(), C, H, W, s, *x.stride(), *patches.stride(), BLOCK=block)
+        x, patches, cells, out, out.numel(), C, H, W, s, *x.stride(), *patches.stride(), *out.stride(),
+        BLOCK=block)
     return out
 
 

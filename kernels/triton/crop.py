@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_size, check_dtype, linear_scale, linear_tap, to_dtype, wrap
+from .common import block_size, check_dtype, known_empty, linear_scale, linear_tap, to_dtype, wrap
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def crop(inputs: List[torch.Tensor], idx: torch.Tensor, stride: int, padding: in
     first = inputs[0]
     out = torch.empty((P, C, PH, PW), dtype=first.dtype, device=first.device,
                       memory_format=torch.channels_last)
-    if P == 0 or C == 0:
+    if known_empty(P) or C == 0:
         return out
     idx = idx.contiguous()
     offset = 0
