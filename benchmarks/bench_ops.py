@@ -3,11 +3,15 @@
     python bench_ops.py [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--repeat N] [--quick]
 
 At the HD and 4K settings of bench_refiner.py (k = P = sample_pixels // 16
-patches, idx from select_sampling on a random err), three providers per step,
+patches, idx from select_sampling on a random err), these providers per step,
 each timed in its steady state, one after the other (see common.timeit):
   upstream   upstream's way of the step, written here with plain torch calls
-  reference  our pure-PyTorch op (pymatting_ext.ops.run_*(backend='reference'))
-  ours       the public op, backend='auto' (the C++ kernels on the CPU)
+  reference  our pure-PyTorch op (pymatting_ext.ops.run_*('reference', ...))
+  cpu        our C++ kernels (CPU tensors)
+  cuda       our CUDA kernels (GPU, when the extension has them)
+  triton     our Triton kernels (GPU, when Triton is installed)
+The compiled providers call the unchecked ops.run_* entry points, as the
+Refiner does (the public ops add a host-side check of idx on the GPU).
 
 Steps:
   select         ours: select_sampling(err_q, k, prevent_oversampling=True)
@@ -45,9 +49,10 @@ overlap it, plus idx (P x 3 int64):
            has less to move, hence its lead in that row.)
 "Which pixels a bilinear resize reads" is found exactly, once per setting, as
 the non-zeros of the resize's adjoint applied to the mask of pixels wanted.
-"ours faults" = minor page faults per call of ours (CPU; see the last table).
-GB/s = bytes / median time; "of copy" compares ours with the device's copy
-bandwidth (a 512 MiB tensor .copy_'d into another: read + write bytes / time).
+"faults" = minor page faults per call (CPU; see the last table).
+GB/s = bytes / median time; "of copy" compares a provider's GB/s with the
+device's copy bandwidth (a 512 MiB tensor .copy_'d into another: read + write
+bytes / time).
 
 A last table times writing a B x 4 x H x W tensor once, freshly allocated
 (torch.empty_like(x).fill_(0)) and existing (fill_ of a tensor kept across
@@ -64,10 +69,8 @@ import torch.nn.functional as F
 import pymatting_ext as pm
 from pymatting_ext import ops
 
-from common import (SETTINGS, Contention, Printer, device_info, header, make_inputs, minor_faults,
-                    parse_common, timeit, write_results)
-
-PROVIDERS = ("upstream", "reference", "ours")
+from common import (SETTINGS, Contention, Printer, compiled_backends, device_info, header, make_inputs,
+                    minor_faults, parse_common, timeit, write_results)
 
 
 # -- upstream's way of each step (plain torch, in the order upstream runs it) --
@@ -145,7 +148,8 @@ def main():
     contention = Contention()
     copy_gbs = copy_bandwidth(dev, dtype)
     out(f"copy bandwidth: {copy_gbs:.1f} GB/s")
-    ref_backend = "reference"
+    ours = compiled_backends(dev, dtype)
+    providers = ["upstream", "reference"] + ours
     esize = torch.empty((), dtype=dtype).element_size()
 
     rows, frows, results = [], [], {}
@@ -185,32 +189,26 @@ def main():
             replace_bytes = (x.numel() + 4 * int(outside.count_nonzero()) + patches.numel()) * esize + idx_bytes
             del outside
 
+            def each(fn):
+                """fn(backend) for the reference and every compiled backend."""
+                return {b: (lambda b=b: fn(b)) for b in ["reference"] + ours}
+
+            cat_coarse = torch.cat([pha, fgr], 1)
             steps = {
-                "select": (None, {
-                    "upstream": lambda: upstream_select(err_q, k),
-                    "reference": lambda: ops.run_select_sampling(ref_backend, err_q, k, True),
-                    "ours": lambda: pm.select_sampling(err_q, k, True)}),
-                "crop/2": (crop2_bytes, {
-                    "upstream": up_crop_half,
-                    "reference": lambda: ops.run_crop(ref_backend, [hid, pha, fgr, src, bgr], idx, 2, 3, half),
-                    "ours": lambda: pm.crop([hid, pha, fgr, src, bgr], idx, 2, 3, half)}),
-                "crop/1": (crop1_bytes, {
-                    "upstream": lambda: upstream_crop(torch.cat([src, bgr], 1), idx, 4, 2),
-                    "reference": lambda: ops.run_crop(ref_backend, [src, bgr], idx, 4, 2, full),
-                    "ours": lambda: pm.crop([src, bgr], idx, 4, 2, full)}),
-                "compose": (compose_bytes, {
-                    "upstream": up_compose,
-                    "reference": lambda: ops.run_compose(ref_backend, torch.cat([pha, fgr], 1), patches, idx,
-                                                         valid, full),
-                    "ours": lambda: pm.compose(torch.cat([pha, fgr], 1), patches, idx, valid, full)}),
-                "replace": (replace_bytes, {
-                    "upstream": lambda: upstream_replace_(x, patches, idx),
-                    "reference": lambda: ops.run_replace(ref_backend, x, patches, idx, None),
-                    "ours": lambda: pm.replace(x, patches, idx)}),
-                "replace+clone": (replace_bytes, {
-                    "upstream": lambda: upstream_replace_(x.clone(), patches, idx),
-                    "reference": lambda: ops.run_replace(ref_backend, x, patches, idx, None),
-                    "ours": lambda: pm.replace(x, patches, idx)}),
+                "select": (None, {"upstream": lambda: upstream_select(err_q, k),
+                                  **each(lambda b: ops.run_select_sampling(b, err_q, k, True))}),
+                "crop/2": (crop2_bytes, {"upstream": up_crop_half,
+                                         **each(lambda b: ops.run_crop(b, [hid, pha, fgr, src, bgr], idx, 2, 3,
+                                                                       half))}),
+                "crop/1": (crop1_bytes, {"upstream": lambda: upstream_crop(torch.cat([src, bgr], 1), idx, 4, 2),
+                                         **each(lambda b: ops.run_crop(b, [src, bgr], idx, 4, 2, full))}),
+                "compose": (compose_bytes, {"upstream": up_compose,
+                                            **each(lambda b: ops.run_compose(b, cat_coarse, patches, idx, valid,
+                                                                             full))}),
+                "replace": (replace_bytes, {"upstream": lambda: upstream_replace_(x, patches, idx),
+                                            **each(lambda b: ops.run_replace(b, x, patches, idx, None))}),
+                "replace+clone": (replace_bytes, {"upstream": lambda: upstream_replace_(x.clone(), patches, idx),
+                                                  **each(lambda b: ops.run_replace(b, x, patches, idx, None))}),
             }
             results[name] = {"patches": P}
             # The floor of every step that returns a new full-resolution
@@ -232,25 +230,25 @@ def main():
                     t[p] = timeit(fn, dev, warmup=warmup, repeat=repeat)
                     t[p]["page_faults_per_call"] = (None if before is None
                                                     else (minor_faults() - before) / (warmup + repeat))
-                up, ours = t["upstream"]["median_ms"], t["ours"]["median_ms"]
-                gbs = {p: nbytes / t[p]["median_ms"] / 1e6 for p in PROVIDERS} if nbytes else None
+                up = t["upstream"]["median_ms"]
+                gbs = {p: nbytes / t[p]["median_ms"] / 1e6 for p in providers} if nbytes else None
                 if step == "replace" and gbs:
                     # In place, upstream's has less to move: the byte count is not its.
                     gbs["upstream"] = None
                 fmt = lambda v: "" if v is None else f"{v:.1f}"
-                faults = t["ours"]["page_faults_per_call"]
-                rows.append([name, step] + [f"{t[p]['median_ms']:.2f}" for p in PROVIDERS]
-                            + [f"{up / ours:.2f}x", "" if faults is None else f"{faults:.0f}"]
-                            + (["", "", "", ""] if gbs is None else
-                               [f"{nbytes / 1e6:.1f}", fmt(gbs["upstream"]), fmt(gbs["ours"]),
-                                f"{100 * gbs['ours'] / copy_gbs:.0f}%"]))
-                results[name][step] = {"timings": t, "speedup_vs_upstream": up / ours, "bytes": nbytes,
-                                       "GBps": gbs}
-            del src, bgr, pha, fgr, err, hid, x, patches, steps
+                for p in providers:
+                    faults = t[p]["page_faults_per_call"]
+                    speedup = up / t[p]["median_ms"]
+                    rows.append([name, step, p, f"{t[p]['median_ms']:.3f}", "" if p == "upstream" else f"{speedup:.2f}x",
+                                 "" if faults is None else f"{faults:.0f}"]
+                                + (["", "", ""] if gbs is None or gbs[p] is None else
+                                   [f"{nbytes / 1e6:.1f}", fmt(gbs[p]), f"{100 * gbs[p] / copy_gbs:.0f}%"]))
+                    t[p]["speedup_vs_upstream"] = speedup
+                results[name][step] = {"timings": t, "bytes": nbytes, "GBps": gbs}
+            del src, bgr, pha, fgr, err, hid, x, patches, steps, cat_coarse
 
-    out.table(f"Ops vs upstream's way (median ms; ours = backend auto, {pm._backend.resolve('auto', dev)})",
-              ["setting", "op"] + [f"{p} ms" for p in PROVIDERS]
-              + ["speed-up", "ours faults", "MB moved", "upstream GB/s", "ours GB/s", "ours of copy"], rows)
+    out.table(f"Ops vs upstream's way (median ms; 'auto' picks {pm._backend.resolve('auto', dev, dtype)} here)",
+              ["setting", "op", "provider", "median ms", "speed-up", "faults", "MB moved", "GB/s", "of copy"], rows)
     out.table("Writing a full-resolution output (median ms): torch.empty_like(x).fill_(0) vs x.fill_(0)",
               ["setting", "shape", "MB", "new tensor ms", "page faults / call", "existing tensor ms"], frows)
     line, info["other_processes_cpu_share"] = contention.report()

@@ -9,13 +9,15 @@ inputs, at HD (1080 x 1920, backbone_scale 0.25, sample_pixels 80,000) and 4K
 refiners load upstream's state_dict (its BatchNorm layers hold random running
 statistics, so that folding them is exercised).
 
-Providers: upstream; ours with backend='auto' (the C++ kernels on the CPU);
-ours with backend='reference' (the pure-PyTorch ops). Each is timed in
+Providers: upstream; ours with each compiled backend that runs on the
+device (the C++ kernels on the CPU; the CUDA and the Triton kernels on a
+GPU), the one 'auto' picks first; ours with backend='reference' (the pure-PyTorch
+ops). Each is timed in
 its steady state, one after the other (see common.timeit), with its
 minor page faults per call (CPU: fresh full-resolution tensors beyond
 malloc's mmap threshold come as new pages at every call).
 
-Then where ours (auto) spends its time: one forward pass re-enacted step by
+Then where ours (with the backend 'auto' picks) spends its time: one forward pass re-enacted step by
 step with a stopwatch between the steps (see breakdown), so that the steps add
 up to the whole refiner. Prints both tables and writes
 results/<device>/refiner_<dtype>.{json,txt}.
@@ -32,10 +34,8 @@ from pymatting_ext import ops
 from pymatting_ext._backend import resolve
 from pymatting_ext.refiner import _fold
 
-from common import (SETTINGS, Contention, Laps, Printer, device_info, header, make_inputs, minor_faults,
-                    parse_common, random_bn_, timeit, write_results)
-
-PROVIDERS = ("upstream", "ours (auto)", "ours (reference)")
+from common import (SETTINGS, Contention, Laps, Printer, compiled_backends, device_info, header, make_inputs,
+                    minor_faults, parse_common, random_bn_, timeit, write_results)
 STEPS = ("select", "crop", "convolutions", "compose")
 STEP_LABELS = {
     "select": "select (err resize + select_sampling)",
@@ -46,10 +46,10 @@ STEP_LABELS = {
 
 
 def build(setting, device, dtype):
-    """The three providers, eval mode, the same weights."""
+    """The providers, eval mode, the same weights."""
     up = random_bn_(UpstreamRefiner("sampling", setting["sample_pixels"], 0.1, 3, False)).eval()
     providers = {"upstream": up}
-    for backend in ("auto", "reference"):
+    for backend in compiled_backends(device, dtype) + ["reference"]:
         ours = pymatting_ext.Refiner("sampling", setting["sample_pixels"], 0.1, 3, False, backend=backend).eval()
         ours.load_state_dict(up.state_dict())
         providers[f"ours ({backend})"] = ours
@@ -92,7 +92,7 @@ def breakdown(refiner, x, device, warmup, repeat):
     patches would not be. Returns ({step: summary}, total summary, P)."""
     src, bgr, pha, fgr, err, hid = x
     H, W = src.shape[2:]
-    backend = resolve(refiner.backend, src.device)
+    backend = resolve(refiner.backend, src.device, src.dtype)
     k = min(refiner.sample_pixels // 16, (H // 4) * (W // 4))
     (w1, b1), (w2, b2), (w3, b3), (w4, b4) = (
         _fold(refiner.conv1, refiner.bn1), _fold(refiner.conv2, refiner.bn2),
@@ -160,7 +160,7 @@ def main():
                 timings[label]["page_faults_per_call"] = (None if before is None
                                                           else (minor_faults() - before) / (warmup + repeat))
         base = timings["upstream"]["median_ms"]
-        for label in PROVIDERS:
+        for label in providers:
             t = timings[label]
             # pha and fgr; upstream's in the same dtype is the yardstick.
             t["max_abs_diff_vs_upstream"] = max(float((a.double() - b.double()).abs().max())
@@ -172,7 +172,8 @@ def main():
                          "" if faults is None else f"{faults:.0f}"])
         del outputs
 
-        ours = providers["ours (auto)"]
+        auto = f"ours ({resolve('auto', device, dtype)})"
+        ours = providers[auto]
         parts, total, P = breakdown(ours, x, device, warmup, repeat)
         gflops = conv_flops_per_patch(ours) * P / 1e9
         for step in STEPS:
@@ -182,7 +183,7 @@ def main():
         brows.append([name, "convolutions | everything else", f"{conv:.1f} | {total - conv:.1f}",
                       f"{100 * conv / total:.0f}% | {100 * (total - conv) / total:.0f}%", ""])
         brows.append([name, "sum of the steps", f"{total:.1f}", "100%", ""])
-        brows.append([name, "(whole refiner, forward, table above)", f"{timings['ours (auto)']['median_ms']:.1f}",
+        brows.append([name, "(whole refiner, forward, table above)", f"{timings[auto]['median_ms']:.1f}",
                       "", ""])
         results[name] = {"setting": {**setting, "patches": P}, "timings": timings,
                          "breakdown_ms": parts, "breakdown_total_ms": total,
@@ -191,7 +192,8 @@ def main():
 
     out.table("Refiner (eval, no_grad, sampling, prevent_oversampling=False, kernel 3, batch 1)",
               ["setting", "provider", "median ms", "IQR ms", "speed-up", "max |diff|", "page faults"], rows)
-    out.table(f"Where ours (auto) spends its time (backend {resolve('auto', device)}, median of {repeat} passes)",
+    out.table(f"Where ours spends its time (backend {resolve('auto', device, dtype)}, as 'auto' picks, "
+              f"median of {repeat} passes)",
               ["setting", "step", "ms", "share", "rate"], brows)
     line, info["other_processes_cpu_share"] = contention.report()
     if line:

@@ -12,8 +12,9 @@ from .ops import compose, crop, replace, select_sampling, select_thresholding
 from .refiner import Refiner
 
 if _extension.available():
-    from . import _meta
+    from . import _autograd, _meta
     _meta.register("pymatting_ext")  # fake kernels for the C++ schemas
+    _autograd.register("pymatting_ext")
 else:
     _extension.warn_if_missing()
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import triton_kernels as _k
+from . import _autograd
 from ._meta import FAKES
 
 __all__ = []
@@ -68,3 +69,6 @@ def replace(x: Tensor, patches: Tensor, idx: Tensor, valid: Optional[Tensor]) ->
 def compose(coarse: Tensor, patches: Tensor, idx: Tensor, valid: Optional[Tensor], size: List[int],
             src: Optional[Tensor]) -> Tensor:
     return _k.compose(coarse, patches, idx, valid, size, src)
+
+
+_autograd.register(_NS)

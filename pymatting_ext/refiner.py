@@ -42,10 +42,9 @@ class Refiner(nn.Module):
 
     ``backend`` chooses the implementation of the ops: 'auto', 'cpu', 'cuda',
     'triton' or 'reference' (see pymatting_ext._backend for what 'auto'
-    picks, and the PYMATTING_EXT_BACKEND environment variable). While autograd records (grad enabled and an input or
-    parameter requires grad), the differentiable reference ops run instead of
-    the compiled ones, so training and gradients match upstream; run inference
-    under ``torch.no_grad()`` or ``torch.inference_mode()`` for speed.
+    picks, and the PYMATTING_EXT_BACKEND environment variable). Every
+    backend is differentiable (crop, replace and compose have registered
+    backward formulas), so training and gradients match upstream's.
 
     Input: src, bgr (B, 3, H, W) with H and W divisible by 4; pha (B, 1, Hc, Wc),
     fgr (B, 3, Hc, Wc), err (B, 1, Hc, Wc), hid (B, 32, Hc, Wc).
@@ -178,12 +177,6 @@ class Refiner(nn.Module):
              err: torch.Tensor, hid: torch.Tensor, epilogue: bool):
         self._check_inputs(src, bgr, pha, fgr, err, hid)
         backend = resolve(self.backend, src.device, src.dtype)
-        records_grad = torch.is_grad_enabled() and (
-            any(t.requires_grad for t in (src, bgr, pha, fgr, err, hid))
-            or any(p.requires_grad for p in self.parameters()))
-        # NB: the compiled ops carry no autograd formulas yet; the reference
-        # ops are differentiable.
-        patch_backend = "reference" if records_grad else backend
         folded = self._can_fold()
         stage1, stage2 = self._layers(folded)
         B, _, H, W = src.shape
@@ -193,10 +186,10 @@ class Refiner(nn.Module):
         if self.mode == "full":
             whole = torch.zeros((B, 3), dtype=torch.long, device=src.device)
             whole[:, 0] = torch.arange(B, device=src.device)
-            x = ops.run_crop(patch_backend, [hid, pha, fgr, src, bgr], whole, 1, p, (H // 2, W // 2),
+            x = ops.run_crop(backend, [hid, pha, fgr, src, bgr], whole, 1, p, (H // 2, W // 2),
                              (H // 2 + 2 * p, W // 2 + 2 * p))
             x = F.interpolate(stage1(x), (H + 2 * q, W + 2 * q), mode="nearest")
-            y = ops.run_crop(patch_backend, [src, bgr], whole, 1, q, (H, W), (H + 2 * q, W + 2 * q))
+            y = ops.run_crop(backend, [src, bgr], whole, 1, q, (H, W), (H + 2 * q, W + 2 * q))
             # Contiguous, so that pha and fgr are views with upstream's strides.
             out = stage2(torch.cat([x, y], 1)).contiguous()
             if epilogue:
@@ -209,22 +202,23 @@ class Refiner(nn.Module):
         if self.mode == "sampling":
             k = min(self.sample_pixels // 16, (H // 4) * (W // 4))
             ref, idx, valid = ops.run_select_sampling(backend, err_q, k, bool(self.prevent_oversampling))
-            if self.training or records_grad:
-                # BatchNorm's batch statistics (and the gradients) must see the
-                # valid patches only, as upstream's; this synchronises.
+            if self.training:
+                # BatchNorm's batch statistics must see the valid patches only,
+                # as upstream's; this synchronises. (In eval mode the invalid
+                # patches are skipped by compose, and get no gradient.)
                 idx, valid = idx[valid], None
         else:
             ref, idx = ops.run_select_thresholding(backend, err_q, float(self.threshold))
         coarse = torch.cat([pha, fgr], 1)
 
         def patches(rows):
-            x = ops.run_crop(patch_backend, [hid, pha, fgr, src, bgr], rows, 2, p, (H // 2, W // 2))
+            x = ops.run_crop(backend, [hid, pha, fgr, src, bgr], rows, 2, p, (H // 2, W // 2))
             x = F.interpolate(stage1(x), 8 if k3 else 4, mode="nearest")
-            y = ops.run_crop(patch_backend, [src, bgr], rows, 4, q, (H, W))
+            y = ops.run_crop(backend, [src, bgr], rows, 4, q, (H, W))
             return stage2(torch.cat([x, y], 1))
 
         P = idx.shape[0]
-        chunk = self._chunk_size(patch_backend, folded)
+        chunk = self._chunk_size(backend, folded)
         if self.training and P == 0:
             # As upstream: no patches, so BatchNorm sees no (empty) batch.
             x = coarse.new_empty((0, 4, 4, 4))
@@ -235,7 +229,7 @@ class Refiner(nn.Module):
             # CPU runs them in chunks whose intermediates stay in cache and in
             # the malloc heap, instead of ~100 MB of fresh pages per frame.
             x = torch.cat([patches(idx[i:i + chunk]) for i in range(0, P, chunk)])
-        out = ops.run_compose(patch_backend, coarse, x, idx, valid, (H, W), src if epilogue else None)
+        out = ops.run_compose(backend, coarse, x, idx, valid, (H, W), src if epilogue else None)
         return out[:, :1], out[:, 1:], ref
 
     #: Patches per chunk on the CPU in eval mode (see forward).

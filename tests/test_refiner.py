@@ -165,8 +165,10 @@ def test_zero_error_cells_are_not_refined_with_prevent_oversampling():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kernel_size", [3, 1])
-def test_training_matches_upstream(mode, kernel_size):
-    up, ours = pair(mode, kernel_size=kernel_size)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_training_matches_upstream(mode, kernel_size, backend):
+    # 'auto' runs the C++ kernels with their registered backward formulas.
+    up, ours = pair(mode, kernel_size=kernel_size, backend=backend)
     up.train(), ours.train()
     x = [t.double() for t in inputs(2, 64, 96, 0.25)]
     up.double(), ours.double()
