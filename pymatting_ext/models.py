@@ -163,11 +163,11 @@ class Base(nn.Module):
         renamed = {}
         for key, value in state_dict.items():
             key = key.replace("classifier.classifier.0", "aspp")
-            # DeepLab's MobileNetV2 splits our backbone.features at block 4.
-            for part, first in (("backbone.low_level_features.", 0), ("backbone.high_level_features.", 4)):
+            # DeepLab's MobileNetV2 splits our backbone.features in two at
+            # block 4; both halves keep the blocks' original indices.
+            for part in ("backbone.low_level_features.", "backbone.high_level_features."):
                 if key.startswith(part):
-                    index, rest = key[len(part):].split(".", 1)
-                    key = f"backbone.features.{int(index) + first}.{rest}"
+                    key = "backbone.features." + key[len(part):]
             renamed[key] = value
         current = self.state_dict()
         matched = {k: v for k, v in renamed.items() if k in current and current[k].shape == v.shape}
@@ -303,3 +303,114 @@ class MattingRefine(MattingBase):
         pha, fgr, ref_sm = self.refiner.forward_matting(src, bgr, pha_sm, fgr_residual_sm, err_sm, hid_sm)
         fgr_sm = src_sm.add_(fgr_residual_sm).clamp_(0.0, 1.0)
         return pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm
+
+
+# -- accelerate ----------------------------------------------------------------
+
+_REFINER_SETTINGS = ("mode", "sample_pixels", "threshold", "kernel_size", "prevent_oversampling",
+                     "patch_crop_method", "patch_replace_method")
+_REFINER_CHILDREN = {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "conv4", "relu"}
+_BASE_CHILDREN = {"backbone", "aspp", "decoder"}
+
+
+def _has_layout(module: nn.Module, class_name: str, children: set) -> bool:
+    """True if module is a `class_name` (upstream's, from the PyPI package or
+    a copy of its repository) with exactly these submodules and no
+    parameters or buffers of its own."""
+    return (type(module).__name__ == class_name and set(module._modules) == children
+            and not module._parameters and not module._buffers)
+
+
+def _check_refiner(refiner: nn.Module, backend: str) -> None:
+    """Raises unless `refiner` can become a pymatting_ext Refiner by changing
+    its class: upstream's settings, all valid, and parameters and buffers of
+    the names and shapes ours has for them."""
+    if isinstance(refiner, Refiner):
+        return
+    if not _has_layout(refiner, "Refiner", _REFINER_CHILDREN):
+        raise TypeError(f"accelerate: expected BackgroundMattingV2's Refiner, got {type(refiner).__name__} "
+                        f"with submodules {sorted(refiner._modules)}")
+    missing = [name for name in _REFINER_SETTINGS if not hasattr(refiner, name)]
+    if missing:
+        raise TypeError(f"accelerate: the Refiner lacks upstream's settings {missing}")
+    settings = [getattr(refiner, name) for name in _REFINER_SETTINGS]
+    # A template on the meta device validates the settings (ValueError) and
+    # gives the shapes to expect, without allocating anything.
+    with torch.device("meta"):
+        template = Refiner(*settings, backend=backend)
+    want = {k: tuple(v.shape) for k, v in template.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in refiner.state_dict().items()}
+    if want != have:
+        raise TypeError(f"accelerate: the Refiner's parameters and buffers {have} differ from those "
+                        f"expected for its settings {want}")
+
+
+def _convert_refiner(refiner: nn.Module, backend: str) -> None:
+    # NB: changing the class keeps the object, its Parameters (an optimizer
+    # built on them still works), hooks, device, dtype and training flag.
+    # Ours reads the same attributes as upstream's, plus `backend`. A
+    # subclass of ours keeps its class.
+    if not isinstance(refiner, Refiner):
+        refiner.__class__ = Refiner
+    refiner.backend = backend
+
+
+def accelerate(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Makes a model built with upstream's classes (backgroundmattingv2, or a
+    copy of its repository) run on pymatting_ext, in place, and returns it.
+
+    - ``MattingRefine``: its refiner becomes a pymatting_ext :class:`Refiner`
+      and the model a pymatting_ext :class:`MattingRefine`, whose forward
+      fuses the final clamp and foreground addition into the refiner's
+      compose kernel. The backbone, ASPP and decoder stay the objects they
+      are (their forward is the same as ours).
+    - ``Refiner``: becomes a pymatting_ext :class:`Refiner`, so a model of
+      your own that holds it is accelerated too.
+    - ``MattingBase`` or ``Base``: returned unchanged; they have no refiner.
+    - pymatting_ext's own models and Refiner: returned with the refiner's
+      backend set to ``backend``.
+
+    Conversion changes the objects' class (``obj.__class__``) after checking
+    that their attributes, submodules and parameter shapes are upstream's:
+    the objects, their Parameters, buffers, hooks, device, dtype and training
+    flag stay as they are, state_dict() is unchanged, and an optimizer built
+    before keeps working. Afterwards they are no longer instances of
+    upstream's classes. Nothing is changed if a check fails.
+
+    Args:
+        model: the module to accelerate.
+        backend: the Refiner's ``backend`` (see :class:`Refiner`).
+
+    Raises:
+        TypeError: for anything else (a scripted or compiled module included:
+            accelerate the eager model first, then script or compile it).
+        ValueError: for an unknown ``backend`` or invalid refiner settings.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"accelerate: backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(model, torch.jit.ScriptModule) or hasattr(model, "_orig_mod"):
+        raise TypeError(f"accelerate: cannot convert a scripted or compiled module ({type(model).__name__}); "
+                        f"accelerate the eager model, then script or compile it")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"accelerate: expected a BackgroundMattingV2 MattingRefine, MattingBase or Refiner, "
+                        f"got {type(model).__name__}")
+
+    if isinstance(model, Refiner) or _has_layout(model, "Refiner", _REFINER_CHILDREN):
+        _check_refiner(model, backend)
+        _convert_refiner(model, backend)
+        return model
+
+    if isinstance(model, MattingRefine) or _has_layout(model, "MattingRefine", _BASE_CHILDREN | {"refiner"}):
+        if not isinstance(getattr(model, "backbone_scale", None), (int, float)):
+            raise TypeError("accelerate: the MattingRefine has no numeric backbone_scale")
+        _check_refiner(model.refiner, backend)
+        _convert_refiner(model.refiner, backend)
+        if not isinstance(model, MattingRefine):
+            model.__class__ = MattingRefine
+        return model
+
+    if isinstance(model, Base) or any(_has_layout(model, name, _BASE_CHILDREN) for name in ("MattingBase", "Base")):
+        return model
+
+    raise TypeError(f"accelerate: expected a BackgroundMattingV2 MattingRefine, MattingBase or Refiner, "
+                    f"got {type(model).__name__}")
