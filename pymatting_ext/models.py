@@ -62,11 +62,6 @@ class ResNetEncoder(nn.Module):
         return s16, s8, s4, s2, x
 
 
-#: Indices of torchvision's MobileNetV2 blocks after which the resolution
-#: is 1/2, 1/4 and 1/8 of the input.
-_MOBILENET_SKIPS = (1, 3, 6)
-
-
 class MobileNetV2Encoder(nn.Module):
     """torchvision's MobileNetV2 as a feature extractor: ``in_channels``
     input channels, the last three blocks dilated and block 14 unstrided
@@ -90,7 +85,8 @@ class MobileNetV2Encoder(nn.Module):
         skips: List[Tensor] = [x]
         for i, block in enumerate(self.features):
             x = block(x)
-            if i == _MOBILENET_SKIPS[0] or i == _MOBILENET_SKIPS[1] or i == _MOBILENET_SKIPS[2]:
+            # After blocks 1, 3 and 6 the resolution is 1/2, 1/4 and 1/8.
+            if i == 1 or i == 3 or i == 6:
                 skips.append(x)
         return x, skips[3], skips[2], skips[1], skips[0]
 
@@ -182,20 +178,20 @@ def _check_images(who: str, src: Tensor, bgr: Tensor, multiple_of_4: bool) -> No
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{who}: {name} must be a Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{who}: {name} must be 4-D (B, 3, H, W), got shape {tuple(t.shape)}")
+            raise ValueError(f"{who}: {name} must be 4-D (B, 3, H, W), got shape {list(t.shape)}")
         if t.shape[1] != 3:
-            raise ValueError(f"{who}: {name} must have 3 (RGB) channels, got shape {tuple(t.shape)}")
+            raise ValueError(f"{who}: {name} must have 3 (RGB) channels, got shape {list(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{who}: {name} must be a floating-point tensor with values in 0..1, got {t.dtype}")
     if src.shape != bgr.shape:
-        raise ValueError(f"{who}: src and bgr must have the same shape, got {tuple(src.shape)} "
-                         f"and {tuple(bgr.shape)}")
+        raise ValueError(f"{who}: src and bgr must have the same shape, got {list(src.shape)} "
+                         f"and {list(bgr.shape)}")
     if src.device != bgr.device:
         raise ValueError(f"{who}: src and bgr must be on the same device, got {src.device} and {bgr.device}")
     if src.dtype != bgr.dtype:
         raise ValueError(f"{who}: src and bgr must have the same dtype, got {src.dtype} and {bgr.dtype}")
     if src.numel() == 0:
-        raise ValueError(f"{who}: src and bgr must not be empty, got shape {tuple(src.shape)}")
+        raise ValueError(f"{who}: src and bgr must not be empty, got shape {list(src.shape)}")
     if multiple_of_4 and (src.shape[2] % 4 != 0 or src.shape[3] % 4 != 0):
         raise ValueError(f"{who}: src and bgr must have a height and width divisible by 4, "
                          f"got {src.shape[2]}x{src.shape[3]}")

@@ -3,6 +3,7 @@
 mode, both kernel sizes, batch 1 and 2, float32 and float64, training mode,
 state_dicts both ways, in-place acceleration of upstream models, bad input."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -127,8 +128,8 @@ def check_preconditions(up, out, x):
 
 # -- MattingRefine against upstream ----------------------------------------------
 
-FLOAT32_TOL = 1e-5   # DESIGN.md: upstream's own fp32 error for outputs in 0..1
-FLOAT64_TOL = 1e-13  # folded BatchNorm moves float64 results by a few ulps
+FLOAT32_TOL = 1e-5   # DESIGN.md: upstream's own fp32 error for outputs in 0..1 (seen: 9e-7)
+FLOAT64_TOL = 1e-14  # folded BatchNorm moves float64 results by a few ulps (seen: 2e-15)
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +293,8 @@ def shapes(model):
 
 @pytest.mark.parametrize("backbone", ["mobilenetv2", "resnet50", "resnet101"])
 def test_state_dicts_have_upstreams_keys_and_shapes(backbone):
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecated torchvision arguments
         for ks in (3, 1):
             assert shapes(MattingRefine(backbone, refine_kernel_size=ks)) == \
                 shapes(upstream.MattingRefine(backbone, refine_kernel_size=ks))
