@@ -10,6 +10,7 @@ from ._backend import BACKENDS
 from . import ops, reference
 from .ops import compose, crop, replace, select_sampling, select_thresholding
 from .refiner import Refiner
+from .models import MattingBase, MattingRefine, accelerate
 
 if _extension.available():
     from . import _autograd, _meta
@@ -20,7 +21,7 @@ else:
 
 __version__ = "0.1.0"
 
-__all__ = ["Refiner", "ops", "reference", "select_sampling", "select_thresholding", "crop",
+__all__ = ["Refiner", "MattingBase", "MattingRefine", "accelerate", "ops", "reference", "select_sampling", "select_thresholding", "crop",
            "replace", "compose", "BACKENDS", "build_info", "extension_available"]
 
 

@@ -16,8 +16,6 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import mobilenet_v2, resnet50, resnet101
-from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from ._backend import BACKENDS
 from .refiner import _CROP_METHODS, _MODES, _REPLACE_METHODS, Refiner
@@ -41,6 +39,10 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, in_channels: int, variant: str):
         super().__init__()
+        # NB: torchvision is imported where a model is built, so that the
+        # package imports without it.
+        from torchvision.models import resnet50, resnet101
+
         build = {"resnet50": resnet50, "resnet101": resnet101}[variant]
         net = build(weights=None, replace_stride_with_dilation=[False, False, True])
         # NB: the children are registered in torchvision's order, so that
@@ -70,6 +72,8 @@ class MobileNetV2Encoder(nn.Module):
 
     def __init__(self, in_channels: int):
         super().__init__()
+        from torchvision.models import mobilenet_v2
+
         features = mobilenet_v2(weights=None).features[:-1]
         if in_channels != 3:
             features[0][0] = nn.Conv2d(in_channels, 32, 3, 2, 1, bias=False)
@@ -136,6 +140,8 @@ class Base(nn.Module):
         super().__init__()
         if backbone not in BACKBONES:
             raise ValueError(f"{type(self).__name__}: backbone must be one of {BACKBONES}, got {backbone!r}")
+        from torchvision.models.segmentation.deeplabv3 import ASPP
+
         if backbone == "mobilenetv2":
             self.backbone = MobileNetV2Encoder(in_channels)
             self.aspp = ASPP(320, [3, 6, 9])
