@@ -60,11 +60,9 @@ __global__ void cell_map_kernel(int32_t* __restrict__ map, const int64_t* __rest
                                 int64_t WC) {
   for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < P;
        p += int64_t(gridDim.x) * blockDim.x) {
-    if (valid != nullptr && !valid[p]) {
-      continue;
-    }
+    // NB: every row is range-checked, valid or not, as on the CPU.
     const int64_t b = idx[3 * p], y = idx[3 * p + 1], x = idx[3 * p + 2];
-    if (!idx_row_ok(b, y, x, B, HC, WC)) {
+    if (!idx_row_ok(b, y, x, B, HC, WC) || (valid != nullptr && !valid[p])) {
       continue;
     }
     atomicMax(map + (b * HC + y) * WC + x, static_cast<int32_t>(p));
