@@ -32,7 +32,6 @@ from BackgroundMattingV2.model.refiner import Refiner as UpstreamRefiner
 import pymatting_ext
 from pymatting_ext import ops
 from pymatting_ext._backend import resolve
-from pymatting_ext.refiner import _fold
 
 from common import (SETTINGS, Contention, Laps, Printer, compiled_backends, device_info, header, make_inputs,
                     minor_faults, parse_common, random_bn_, timeit, write_results)
@@ -73,7 +72,7 @@ def conv_flops_per_patch(refiner):
 def breakdown(refiner, x, device, warmup, repeat):
     """Median ms of each step of our refiner's forward pass, re-enacted here
     as Refiner.forward runs it (eval mode, BatchNorm folded by
-    pymatting_ext.refiner._fold, on the CPU crop and convolutions in chunks
+    Refiner._folded, on the CPU crop and convolutions in chunks
     of Refiner.cpu_chunk_patches), with a stopwatch lap after each step
     (on CUDA the lap synchronises the device):
 
@@ -94,9 +93,7 @@ def breakdown(refiner, x, device, warmup, repeat):
     H, W = src.shape[2:]
     backend = resolve(refiner.backend, src.device, src.dtype)
     k = min(refiner.sample_pixels // 16, (H // 4) * (W // 4))
-    (w1, b1), (w2, b2), (w3, b3), (w4, b4) = (
-        _fold(refiner.conv1, refiner.bn1), _fold(refiner.conv2, refiner.bn2),
-        _fold(refiner.conv3, refiner.bn3), _fold(refiner.conv4, None))
+    w1, b1, w2, b2, w3, b3, w4, b4 = refiner._folded()
     chunk = refiner._chunk_size(backend, True)
 
     def convolutions(half, full):

@@ -1,10 +1,10 @@
 """pymatting_ext.Refiner: a drop-in replacement for BackgroundMattingV2's
 Refiner, built on the op set."""
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from . import ops
 from ._backend import BACKENDS, resolve
@@ -16,20 +16,79 @@ _CROP_METHODS = ("unfold", "roi_align", "gather")
 _REPLACE_METHODS = ("scatter_nd", "scatter_element")
 
 
-def _fold(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weights and bias of conv followed by bn in eval mode, as one conv.
-    Folded in float64 and rounded once to the weights' dtype."""
-    w = conv.weight.double()
-    b = conv.bias.double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
-    if bn is not None:
-        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.double()
-        b = (b - bn.running_mean.double()) * scale
-        if bn.bias is not None:
-            b = b + bn.bias.double()
+def _fold(weight: Tensor, bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor],
+          gamma: Optional[Tensor], beta: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+    """Weights and bias of a conv followed by an eval-mode BatchNorm (mean and
+    var None: no BatchNorm), as one conv. Folded in float64 and rounded once
+    to the weights' dtype."""
+    w = weight.double()
+    b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    if mean is not None and var is not None:
+        scale = torch.rsqrt(var.double() + eps)
+        if gamma is not None:
+            scale = scale * gamma.double()
+        b = (b - mean.double()) * scale
+        if beta is not None:
+            b = b + beta.double()
         w = w * scale[:, None, None, None]
-    return w.to(conv.weight.dtype), b.to(conv.weight.dtype)
+    return w.to(weight.dtype), b.to(weight.dtype)
+
+
+# The ops as the Refiner calls them: in TorchScript, the C++ ops through the
+# dispatcher (a scripted Refiner needs the compiled extension, on CPU or CUDA);
+# in Python, pymatting_ext.ops on the resolved backend.
+
+@torch.jit.unused
+def _resolve(backend: str, src: Tensor) -> str:
+    return resolve(backend, src.device, src.dtype)
+
+
+@torch.jit.unused
+def _py_select_sampling(backend: str, err: Tensor, k: int, prevent: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return ops.run_select_sampling(backend, err, k, prevent)
+
+
+@torch.jit.unused
+def _py_select_thresholding(backend: str, err: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
+    return ops.run_select_thresholding(backend, err, threshold)
+
+
+@torch.jit.unused
+def _py_crop(backend: str, inputs: List[Tensor], idx: Tensor, stride: int, padding: int, image_size: List[int],
+             patch_size: List[int]) -> Tensor:
+    return ops.run_crop(backend, inputs, idx, stride, padding, image_size, patch_size)
+
+
+@torch.jit.unused
+def _py_compose(backend: str, coarse: Tensor, patches: Tensor, idx: Tensor, valid: Optional[Tensor],
+                size: List[int], src: Optional[Tensor]) -> Tensor:
+    return ops.run_compose(backend, coarse, patches, idx, valid, size, src)
+
+
+def _select_sampling(backend: str, err: Tensor, k: int, prevent: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    if torch.jit.is_scripting():
+        return torch.ops.pymatting_ext.select_sampling(err, k, prevent)
+    return _py_select_sampling(backend, err, k, prevent)
+
+
+def _select_thresholding(backend: str, err: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
+    if torch.jit.is_scripting():
+        return torch.ops.pymatting_ext.select_thresholding(err, threshold)
+    return _py_select_thresholding(backend, err, threshold)
+
+
+def _crop(backend: str, inputs: List[Tensor], idx: Tensor, stride: int, padding: int, image_size: List[int],
+          patch_size: List[int]) -> Tensor:
+    if torch.jit.is_scripting():
+        return torch.ops.pymatting_ext.crop(inputs, idx, stride, padding, image_size, patch_size)
+    return _py_crop(backend, inputs, idx, stride, padding, image_size, patch_size)
+
+
+def _compose(backend: str, coarse: Tensor, patches: Tensor, idx: Tensor, valid: Optional[Tensor],
+             size: List[int], src: Optional[Tensor]) -> Tensor:
+    if torch.jit.is_scripting():
+        return torch.ops.pymatting_ext.compose(coarse, patches, idx, valid, size, src)
+    return _py_compose(backend, coarse, patches, idx, valid, size, src)
 
 
 class Refiner(nn.Module):
@@ -98,6 +157,7 @@ class Refiner(nn.Module):
 
     # -- checks ---------------------------------------------------------------
 
+    @torch.jit.unused
     def _check_inputs(self, src, bgr, pha, fgr, err, hid):
         named = (("src", src), ("bgr", bgr), ("pha", pha), ("fgr", fgr), ("err", err), ("hid", hid))
         for name, t in named:
@@ -131,110 +191,131 @@ class Refiner(nn.Module):
 
     # -- layers ---------------------------------------------------------------
 
-    def _layers(self, fold: bool):
-        """The two conv stages, with BatchNorm folded in (eval) or as
-        modules (training: batch statistics and running-stat updates)."""
-        if not fold:
-            def stage1(x):
-                x = self.relu(self.bn1(self.conv1(x)))
-                return self.relu(self.bn2(self.conv2(x)))
+    def _folded(self) -> List[Tensor]:
+        """[w1, b1, ..., w4, b4]: the four convolutions with BatchNorm folded in
+        (eval mode)."""
+        w1, b1 = _fold(self.conv1.weight, self.conv1.bias, self.bn1.running_mean, self.bn1.running_var,
+                       self.bn1.weight, self.bn1.bias, self.bn1.eps)
+        w2, b2 = _fold(self.conv2.weight, self.conv2.bias, self.bn2.running_mean, self.bn2.running_var,
+                       self.bn2.weight, self.bn2.bias, self.bn2.eps)
+        w3, b3 = _fold(self.conv3.weight, self.conv3.bias, self.bn3.running_mean, self.bn3.running_var,
+                       self.bn3.weight, self.bn3.bias, self.bn3.eps)
+        w4, b4 = _fold(self.conv4.weight, self.conv4.bias, None, None, None, None, 0.0)
+        return [w1, b1, w2, b2, w3, b3, w4, b4]
 
-            def stage2(x):
-                return self.conv4(self.relu(self.bn3(self.conv3(x))))
-            return stage1, stage2
+    def _stage1(self, x: Tensor, folded: List[Tensor]) -> Tensor:
+        """conv1, bn1, relu, conv2, bn2, relu: folded (eval) or as modules
+        (training: batch statistics and running-stat updates)."""
+        if len(folded) == 0:
+            x = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(x)))
+        x = F.conv2d(x, folded[0], folded[1]).relu_()
+        return F.conv2d(x, folded[2], folded[3]).relu_()
 
-        (w1, b1), (w2, b2), (w3, b3), (w4, b4) = (
-            _fold(self.conv1, self.bn1), _fold(self.conv2, self.bn2),
-            _fold(self.conv3, self.bn3), _fold(self.conv4, None))
-
-        def stage1(x):
-            x = F.conv2d(x, w1, b1).relu_()
-            return F.conv2d(x, w2, b2).relu_()
-
-        def stage2(x):
-            x = F.conv2d(x, w3, b3).relu_()
-            return F.conv2d(x, w4, b4)
-        return stage1, stage2
+    def _stage2(self, x: Tensor, folded: List[Tensor]) -> Tensor:
+        """conv3, bn3, relu, conv4."""
+        if len(folded) == 0:
+            return self.conv4(self.relu(self.bn3(self.conv3(x))))
+        x = F.conv2d(x, folded[4], folded[5]).relu_()
+        return F.conv2d(x, folded[6], folded[7])
 
     def _can_fold(self) -> bool:
-        return not self.training and all(
-            bn.running_mean is not None and bn.running_var is not None for bn in (self.bn1, self.bn2, self.bn3))
+        return (not self.training and self.bn1.running_mean is not None and self.bn1.running_var is not None
+                and self.bn2.running_mean is not None and self.bn2.running_var is not None
+                and self.bn3.running_mean is not None and self.bn3.running_var is not None)
 
     # -- forward --------------------------------------------------------------
 
-    def forward(self, src: torch.Tensor, bgr: torch.Tensor, pha: torch.Tensor, fgr: torch.Tensor,
-                err: torch.Tensor, hid: torch.Tensor):
+    def forward(self, src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, err: Tensor,
+                hid: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         return self._run(src, bgr, pha, fgr, err, hid, False)
 
-    def forward_matting(self, src: torch.Tensor, bgr: torch.Tensor, pha: torch.Tensor, fgr: torch.Tensor,
-                        err: torch.Tensor, hid: torch.Tensor):
+    @torch.jit.export
+    def forward_matting(self, src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, err: Tensor,
+                        hid: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """forward followed by MattingRefine's epilogue, fused into compose:
         returns pha.clamp(0, 1), (fgr + src).clamp(0, 1) and ref, where fgr is
         the refined foreground residual."""
         return self._run(src, bgr, pha, fgr, err, hid, True)
 
-    def _run(self, src: torch.Tensor, bgr: torch.Tensor, pha: torch.Tensor, fgr: torch.Tensor,
-             err: torch.Tensor, hid: torch.Tensor, epilogue: bool):
-        self._check_inputs(src, bgr, pha, fgr, err, hid)
-        backend = resolve(self.backend, src.device, src.dtype)
-        folded = self._can_fold()
-        stage1, stage2 = self._layers(folded)
-        B, _, H, W = src.shape
+    def _patches(self, backend: str, idx: Tensor, src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor,
+                 hid: Tensor, folded: List[Tensor]) -> Tensor:
+        """The refined (P, 4, 4, 4) patches of the cells idx names."""
+        H, W = src.shape[2], src.shape[3]
+        k3 = self.kernel_size == 3
+        p, q = (3, 2) if k3 else (0, 0)
+        x = _crop(backend, [hid, pha, fgr, src, bgr], idx, 2, p, [H // 2, W // 2], [2 + 2 * p, 2 + 2 * p])
+        x = F.interpolate(self._stage1(x, folded), size=8 if k3 else 4, mode="nearest")
+        y = _crop(backend, [src, bgr], idx, 4, q, [H, W], [4 + 2 * q, 4 + 2 * q])
+        return self._stage2(torch.cat([x, y], 1), folded)
+
+    def _run(self, src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, err: Tensor, hid: Tensor,
+             epilogue: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        # NB: written for TorchScript too. Scripted, the C++ ops check the
+        # arguments and the dispatcher picks their CPU or CUDA kernels.
+        backend = "scripted"
+        if not torch.jit.is_scripting():
+            self._check_inputs(src, bgr, pha, fgr, err, hid)
+            backend = _resolve(self.backend, src)
+        folded: List[Tensor] = self._folded() if self._can_fold() else []
+        B, H, W = src.shape[0], src.shape[2], src.shape[3]
         k3 = self.kernel_size == 3
         p, q = (3, 2) if k3 else (0, 0)
 
         if self.mode == "full":
             whole = torch.zeros((B, 3), dtype=torch.long, device=src.device)
             whole[:, 0] = torch.arange(B, device=src.device)
-            x = ops.run_crop(backend, [hid, pha, fgr, src, bgr], whole, 1, p, (H // 2, W // 2),
-                             (H // 2 + 2 * p, W // 2 + 2 * p))
-            x = F.interpolate(stage1(x), (H + 2 * q, W + 2 * q), mode="nearest")
-            y = ops.run_crop(backend, [src, bgr], whole, 1, q, (H, W), (H + 2 * q, W + 2 * q))
+            x = _crop(backend, [hid, pha, fgr, src, bgr], whole, 1, p, [H // 2, W // 2],
+                      [H // 2 + 2 * p, W // 2 + 2 * p])
+            x = F.interpolate(self._stage1(x, folded), size=[H + 2 * q, W + 2 * q], mode="nearest")
+            y = _crop(backend, [src, bgr], whole, 1, q, [H, W], [H + 2 * q, W + 2 * q])
             # Contiguous, so that pha and fgr are views with upstream's strides.
-            out = stage2(torch.cat([x, y], 1)).contiguous()
+            out = self._stage2(torch.cat([x, y], 1), folded).contiguous()
             if epilogue:
                 out = torch.cat([out[:, :1].clamp(0, 1), (out[:, 1:] + src).clamp(0, 1)], 1)
             ref = torch.ones((B, 1, H // 4, W // 4), dtype=src.dtype, device=src.device)
             return out[:, :1], out[:, 1:], ref
 
-        err_q = F.interpolate(err, (H // 4, W // 4), mode="bilinear", align_corners=False)
-        valid: Optional[torch.Tensor] = None
+        err_q = F.interpolate(err, size=[H // 4, W // 4], mode="bilinear", align_corners=False)
+        valid: Optional[Tensor] = None
         if self.mode == "sampling":
             k = min(self.sample_pixels // 16, (H // 4) * (W // 4))
-            ref, idx, valid = ops.run_select_sampling(backend, err_q, k, bool(self.prevent_oversampling))
+            ref, idx, valid_all = _select_sampling(backend, err_q, k, bool(self.prevent_oversampling))
             if self.training:
                 # BatchNorm's batch statistics must see the valid patches only,
                 # as upstream's; this synchronises. (In eval mode the invalid
                 # patches are skipped by compose, and get no gradient.)
-                idx, valid = idx[valid], None
+                idx = idx[valid_all]
+            else:
+                valid = valid_all
         else:
-            ref, idx = ops.run_select_thresholding(backend, err_q, float(self.threshold))
+            ref, idx = _select_thresholding(backend, err_q, float(self.threshold))
         coarse = torch.cat([pha, fgr], 1)
 
-        def patches(rows):
-            x = ops.run_crop(backend, [hid, pha, fgr, src, bgr], rows, 2, p, (H // 2, W // 2))
-            x = F.interpolate(stage1(x), 8 if k3 else 4, mode="nearest")
-            y = ops.run_crop(backend, [src, bgr], rows, 4, q, (H, W))
-            return stage2(torch.cat([x, y], 1))
-
         P = idx.shape[0]
-        chunk = self._chunk_size(backend, folded)
+        chunk: Optional[int] = None
+        if not torch.jit.is_scripting():
+            chunk = self._chunk_size(backend, len(folded) > 0)
         if self.training and P == 0:
             # As upstream: no patches, so BatchNorm sees no (empty) batch.
-            x = coarse.new_empty((0, 4, 4, 4))
+            x = coarse.new_empty([0, 4, 4, 4])
         elif chunk is None or P <= chunk:
-            x = patches(idx)
+            x = self._patches(backend, idx, src, bgr, pha, fgr, hid, folded)
         else:
             # NB: in eval mode every patch is computed independently, so the
             # CPU runs them in chunks whose intermediates stay in cache and in
             # the malloc heap, instead of ~100 MB of fresh pages per frame.
-            x = torch.cat([patches(idx[i:i + chunk]) for i in range(0, P, chunk)])
-        out = ops.run_compose(backend, coarse, x, idx, valid, (H, W), src if epilogue else None)
+            parts: List[Tensor] = []
+            for i in range(0, P, chunk):
+                parts.append(self._patches(backend, idx[i:i + chunk], src, bgr, pha, fgr, hid, folded))
+            x = torch.cat(parts)
+        out = _compose(backend, coarse, x, idx, valid, [H, W], src if epilogue else None)
         return out[:, :1], out[:, 1:], ref
 
     #: Patches per chunk on the CPU in eval mode (see forward).
     cpu_chunk_patches = 512
 
+    @torch.jit.unused
     def _chunk_size(self, backend: str, folded: bool) -> Optional[int]:
         # Only the C++ CPU kernels gain: the reference resizes whole images
         # per call.
