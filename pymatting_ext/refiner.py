@@ -65,6 +65,19 @@ def _py_compose(backend: str, coarse: Tensor, patches: Tensor, idx: Tensor, vali
     return ops.run_compose(backend, coarse, patches, idx, valid, size, src)
 
 
+@torch.jit.unused
+def _promote_under_autocast(*tensors: Tensor) -> List[Tensor]:
+    """Under autocast the coarse maps may come in a lower precision than src:
+    the ops take one dtype, the widest. (Otherwise unchanged, and mixed
+    dtypes are an error.)"""
+    if not all(isinstance(t, Tensor) for t in tensors) or not torch.is_autocast_enabled(tensors[0].device.type):
+        return list(tensors)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return [t.to(dtype) for t in tensors]
+
+
 def _select_sampling(backend: str, err: Tensor, k: int, prevent: bool) -> Tuple[Tensor, Tensor, Tensor]:
     if torch.jit.is_scripting():
         return torch.ops.pymatting_ext.select_sampling(err, k, prevent)
@@ -247,7 +260,7 @@ class Refiner(nn.Module):
         x = _crop(backend, [hid, pha, fgr, src, bgr], idx, 2, p, [H // 2, W // 2], [2 + 2 * p, 2 + 2 * p])
         x = F.interpolate(self._stage1(x, folded), size=8 if k3 else 4, mode="nearest")
         y = _crop(backend, [src, bgr], idx, 4, q, [H, W], [4 + 2 * q, 4 + 2 * q])
-        return self._stage2(torch.cat([x, y], 1), folded)
+        return self._stage2(torch.cat([x, y.to(x.dtype)], 1), folded)
 
     def _run(self, src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, err: Tensor, hid: Tensor,
              epilogue: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -255,6 +268,7 @@ class Refiner(nn.Module):
         # arguments and the dispatcher picks their CPU or CUDA kernels.
         backend = "scripted"
         if not torch.jit.is_scripting():
+            src, bgr, pha, fgr, err, hid = _promote_under_autocast(src, bgr, pha, fgr, err, hid)
             self._check_inputs(src, bgr, pha, fgr, err, hid)
             backend = _resolve(self.backend, src)
         folded: List[Tensor] = self._folded() if self._can_fold() else []
@@ -270,7 +284,7 @@ class Refiner(nn.Module):
             x = F.interpolate(self._stage1(x, folded), size=[H + 2 * q, W + 2 * q], mode="nearest")
             y = _crop(backend, [src, bgr], whole, 1, q, [H, W], [H + 2 * q, W + 2 * q])
             # Contiguous, so that pha and fgr are views with upstream's strides.
-            out = self._stage2(torch.cat([x, y], 1), folded).contiguous()
+            out = self._stage2(torch.cat([x, y.to(x.dtype)], 1), folded).to(src.dtype).contiguous()
             if epilogue:
                 out = torch.cat([out[:, :1].clamp(0, 1), (out[:, 1:] + src).clamp(0, 1)], 1)
             ref = torch.ones((B, 1, H // 4, W // 4), dtype=src.dtype, device=src.device)
@@ -309,7 +323,8 @@ class Refiner(nn.Module):
             for i in range(0, P, chunk):
                 parts.append(self._patches(backend, idx[i:i + chunk], src, bgr, pha, fgr, hid, folded))
             x = torch.cat(parts)
-        out = _compose(backend, coarse, x, idx, valid, [H, W], src if epilogue else None)
+        # (Under autocast the convolutions may return a lower precision.)
+        out = _compose(backend, coarse, x.to(coarse.dtype), idx, valid, [H, W], src if epilogue else None)
         return out[:, :1], out[:, 1:], ref
 
     #: Patches per chunk on the CPU in eval mode (see forward).

@@ -113,8 +113,6 @@ def test_refiner_triton_matches_upstream(device, backend, mode, kernel_size, pre
 @pytest.mark.parametrize("device,backend", TRITON_CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_refiner_triton_half_precision_matches_the_reference_backend(device, backend, dtype):
-    if device == "cpu" and dtype == torch.float16:
-        pytest.skip("float16 convolutions are not implemented on the CPU")
     ours = random_bn_(pm.Refiner("sampling", 16 * 40, 0.4, backend="triton")).to(device, dtype).eval()
     ref = pm.Refiner("sampling", 16 * 40, 0.4, backend="reference").to(device, dtype).eval()
     ref.load_state_dict(ours.state_dict())
