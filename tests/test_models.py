@@ -213,14 +213,21 @@ def test_refine_training_matches_upstream():
     ours = ours_like(up)
     assert up.training and ours.training
     x = [t.double() for t in images(2, 64, 96)]
+    xa = [t.clone().requires_grad_() for t in x]
+    xb = [t.clone().requires_grad_() for t in x]
     torch.manual_seed(1)
-    want = up(*x)
+    want = up(*xa)
     torch.manual_seed(1)
-    got = ours(*x)
+    got = ours(*xb)
     check_preconditions(up, [t.detach() for t in want], x)
     check_matting([t.detach() for t in want], [t.detach() for t in got], 1e-12)
-    (want[0].square().sum() + want[1].square().mean() + want[3].sum()).backward()
-    (got[0].square().sum() + got[1].square().mean() + got[3].sum()).backward()
+    loss_up = want[0].square().sum() + want[1].square().mean() + want[3].sum()
+    loss_ours = got[0].square().sum() + got[1].square().mean() + got[3].sum()
+    torch.testing.assert_close(loss_ours, loss_up, rtol=1e-12, atol=0)
+    loss_up.backward()
+    loss_ours.backward()
+    for name, a, b in zip(("src", "bgr"), xa, xb):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=name)
     # Gradients reach ~1e8 in the first layers; some BatchNorm biases' are
     # zero up to the cancellation of such terms: bound errors by the scale.
     scale = max(float(p.grad.abs().max()) for p in up.parameters() if p.grad is not None)
