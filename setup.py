@@ -197,7 +197,8 @@ def main():
         cmdclass={"build_ext": build_ext},
         python_requires=">=3.9",
         install_requires=["torch>=2.4"],
-        extras_require={"test": ["pytest", "backgroundmattingv2==1.0", "torchvision"]},
+        extras_require={"test": ["pytest", "backgroundmattingv2==1.0", "torchvision"],
+                        "models": ["torchvision"], "triton": ["triton"]},
     )
 
 
