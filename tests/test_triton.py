@@ -211,3 +211,18 @@ def test_refiner_triton_training_step_matches_upstream(device, backend, mode):
         scale = max(1e-3, float(a.abs().max()))
         torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-5 * scale, msg=f"gradient {i} vs reference backend")
         torch.testing.assert_close(c, a, rtol=1e-2, atol=2e-3 * scale, msg=f"gradient {i} vs upstream")
+
+
+@pytest.mark.parametrize("device,backend", TRITON_CASES)
+def test_select_sampling_over_several_chunks(device, backend):
+    # Large enough that every image is split over several programs (more
+    # than 16 blocks of the interpreter's 8192), with ties across chunks.
+    err = (torch.rand(2, 1, 400, 700) * 4).floor() / 4
+    err[0, 0, 5, 5] = float("nan")
+    err[1, 0, -1, -1] = float("-inf")
+    err = err.to(device)
+    for k in (1, 30_000, 279_999):
+        got = pm.select_sampling(err, k, True, backend="triton")
+        want = reference.select_sampling(err.cpu(), k, True)
+        for g, w in zip(got, want):
+            assert torch.equal(g.cpu(), w)

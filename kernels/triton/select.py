@@ -1,10 +1,12 @@
 """Triton kernels of select_sampling and select_thresholding.
 
-Sampling: one program per image finds the k-th largest order key by
-bisection over the 32-bit key range (32 counting passes over the row, no
-sort), then one pass in row-major order takes every key above it and the
-first (k - above) keys equal to it, writing idx, valid and ref with running
-prefix counts. Thresholding: per-tile compare and count, a scan of the tile
+Sampling: a radix select of the k-th largest order key, 8 bits a pass (4
+histogram launches over chunks of every image; each program re-derives the
+digits chosen so far from the earlier histograms), a count launch (keys
+above the k-th and ties with it, per chunk), and a write launch that takes,
+in row-major order, every key above it and the first (k - above) keys equal
+to it, writing idx, valid and ref with running prefix counts. No sort, no
+host synchronisation. Thresholding: per-tile compare and count, a scan of the tile
 counts, one host read of the total, and an order-preserving write.
 """
 import torch
@@ -24,52 +26,122 @@ def _order_key(v):
     return tl.where(v != v, 0x7FFFFFFF, key)
 
 
-@triton.jit
-def _count_at_least(err_row, n, threshold, BLOCK: tl.constexpr):
-    count = 0
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        m = offs < n
-        key = _order_key(tl.load(err_row + offs, mask=m, other=0.0).to(tl.float32))
-        count += tl.sum(((key.to(tl.int64) >= threshold) & m).to(tl.int32), axis=0)
-    return count
+_BINS = 256  # 8-bit digits, 4 passes over the 32-bit keys
 
 
 @triton.jit
-def _select_sampling_kernel(err_ptr, ref_ptr, idx_ptr, valid_ptr, n, width, k,
-                            PREVENT: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    err_row = err_ptr + b * n
-    # The k-th largest key: the largest t with count(key >= t) >= k.
-    lo = -2147483648
-    hi = 2147483647
-    lo = lo.to(tl.int64)
-    hi = hi.to(tl.int64)
-    for _ in range(32):
-        mid = lo + (hi - lo + 1) // 2
-        if _count_at_least(err_row, n, mid, BLOCK) >= k:
-            lo = mid
-        else:
-            hi = mid - 1
-    kth = lo
-    ties = k - _count_at_least(err_row, n, kth + 1, BLOCK)
-    taken = 0
-    tied = 0
-    for start in range(0, n, BLOCK):
+def _radix_key(v):
+    """The order key as an int32 bit pattern that orders as unsigned: the
+    digits of a radix select are its bytes, most significant first."""
+    return _order_key(v) ^ -2147483648
+
+
+@triton.jit
+def _radix_state(hist_b, k, PASSES: tl.constexpr):
+    """(prefix, rank) after PASSES digit passes, from image b's digit
+    histograms hist_b[pass][digit]: the digits of the k-th largest key chosen
+    so far (the whole key after 4 passes), and the rank (1-based, from the
+    largest) of that key among the keys with this prefix."""
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros((), dtype=tl.int32)
+    rank = k.to(tl.int64)
+    for d in tl.static_range(PASSES):
+        count = tl.load(hist_b + d * 256 + bins)
+        # Keys with a larger digit: the total minus the inclusive scan.
+        above = tl.sum(count, axis=0) - tl.cumsum(count, axis=0)
+        hit = (above < rank) & (rank <= above + count)
+        digit = tl.max(tl.where(hit, bins, -1), axis=0)
+        rank = rank - tl.sum(tl.where(hit, above, 0), axis=0)
+        prefix = prefix | (digit << (24 - 8 * d))
+    return prefix, rank
+
+
+@triton.jit
+def _radix_histogram_kernel(err_ptr, hist_ptr, n, chunk, k, PASS: tl.constexpr, BLOCK: tl.constexpr):
+    g = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    hist_b = hist_ptr + b * 4 * 256
+    prefix, _ = _radix_state(hist_b, k, PASS)
+    # The bits of the digits chosen so far.
+    high: tl.constexpr = (-1 << (32 - 8 * PASS)) if PASS > 0 else 0
+    shift: tl.constexpr = 24 - 8 * PASS
+    row = err_ptr + b * n
+    begin = g.to(tl.int64) * chunk
+    end = tl.minimum(begin + chunk, n)
+    total = tl.zeros((512,), dtype=tl.int32)
+    for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        m = offs < n
-        v = tl.load(err_row + offs, mask=m, other=0.0).to(tl.float32)
-        key = _order_key(v).to(tl.int64)
-        eq = ((key == kth) & m).to(tl.int32)
+        m = offs < end
+        key = _radix_key(tl.load(row + offs, mask=m, other=0.0).to(tl.float32))
+        digit = (key >> shift) & 255
+        # NB: keys outside the chunk or the prefix go to bins 256.. (dropped).
+        total += tl.histogram(tl.where(m & ((key & high) == prefix), digit, 256 + digit), 512)
+    bins = tl.arange(0, 512)
+    tl.atomic_add(hist_b + PASS * 256 + bins, total.to(tl.int64), mask=bins < 256)
+
+
+@triton.jit
+def _above(key, kth):
+    """key > kth as unsigned int32 (flip the sign bits, compare signed)."""
+    return (key ^ -2147483648) > (kth ^ -2147483648)
+
+
+@triton.jit
+def _radix_count_kernel(err_ptr, hist_ptr, counts_ptr, n, chunk, k, BLOCK: tl.constexpr):
+    """counts[b][g] = (keys above the k-th largest, keys equal to it) in
+    program g's chunk."""
+    g = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    kth, _ = _radix_state(hist_ptr + b * 4 * 256, k, 4)
+    row = err_ptr + b * n
+    begin = g.to(tl.int64) * chunk
+    end = tl.minimum(begin + chunk, n)
+    above = 0
+    ties = 0
+    for start in range(begin, end, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < end
+        key = _radix_key(tl.load(row + offs, mask=m, other=0.0).to(tl.float32))
+        above += tl.sum((_above(key, kth) & m).to(tl.int32), axis=0)
+        ties += tl.sum(((key == kth) & m).to(tl.int32), axis=0)
+    out = counts_ptr + (b * tl.num_programs(0) + g) * 2
+    tl.store(out, above.to(tl.int64))
+    tl.store(out + 1, ties.to(tl.int64))
+
+
+@triton.jit
+def _radix_write_kernel(err_ptr, hist_ptr, counts_ptr, ref_ptr, idx_ptr, valid_ptr, n, width, chunk, k,
+                        PREVENT: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
+    """Row j of image b is its j-th selected cell in row-major order: keys
+    above the k-th largest, and the first (k - above) keys equal to it."""
+    g = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    kth, ties_needed = _radix_state(hist_ptr + b * 4 * 256, k, 4)
+    # Keys above and ties in the chunks before this one.
+    before = tl.arange(0, GROUPS)
+    counts_b = counts_ptr + b * tl.num_programs(0) * 2
+    above = tl.sum(tl.load(counts_b + before * 2, mask=before < g, other=0), axis=0)
+    tied = tl.sum(tl.load(counts_b + before * 2 + 1, mask=before < g, other=0), axis=0)
+    row = err_ptr + b * n
+    begin = g.to(tl.int64) * chunk
+    end = tl.minimum(begin + chunk, n)
+    for start in range(begin, end, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < end
+        v = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
+        key = _radix_key(v)
+        gt = (_above(key, kth) & m).to(tl.int64)
+        eq = ((key == kth) & m).to(tl.int64)
+        above_before = above + tl.cumsum(gt, axis=0) - gt
         tie_rank = tied + tl.cumsum(eq, axis=0) - eq
-        take = ((key > kth) & m) | ((eq != 0) & (tie_rank < ties))
-        take_i = take.to(tl.int32)
-        pos = taken + tl.cumsum(take_i, axis=0) - take_i
+        take = (gt != 0) | ((eq != 0) & (tie_rank < ties_needed))
+        # Selected cells before: all keys above, the first ties_needed ties.
+        pos = above_before + tl.minimum(tie_rank, ties_needed)
         if PREVENT:
             ok = v > 0.0
         else:
             ok = offs >= 0
-        out = (b * k + pos).to(tl.int64)
+        out = b * k + pos
         offs64 = offs.to(tl.int64)
         tl.store(idx_ptr + out * 3, b + offs64 * 0, mask=take)
         tl.store(idx_ptr + out * 3 + 1, offs64 // width, mask=take)
@@ -78,7 +150,7 @@ def _select_sampling_kernel(err_ptr, ref_ptr, idx_ptr, valid_ptr, n, width, k,
         # NB: via float32: the interpreter turns bool straight into bfloat16
         # bit patterns.
         tl.store(ref_ptr + b * n + offs, (take & ok).to(tl.float32).to(ref_ptr.dtype.element_ty), mask=m)
-        taken += tl.sum(take_i, axis=0)
+        above += tl.sum(gt, axis=0)
         tied += tl.sum(eq, axis=0)
 
 
@@ -86,13 +158,27 @@ def select_sampling(err: torch.Tensor, k: int, prevent_oversampling: bool):
     check_dtype("select_sampling", "err", err)
     e = err.contiguous()
     B, _, H, W = e.shape
-    k = min(k, H * W)
+    N = H * W
+    k = min(k, N)
     ref = torch.zeros_like(e)
     idx = torch.empty((B * k, 3), dtype=torch.int64, device=e.device)
     valid = torch.empty((B * k,), dtype=torch.bool, device=e.device)
-    if B * k > 0:
-        wrap(_select_sampling_kernel)[(B,)](e, ref, idx, valid, H * W, W, k,
-                                            PREVENT=bool(prevent_oversampling), BLOCK=block_size(1024, 8192))
+    if B * k == 0:
+        return ref, idx, valid
+    block = block_size(1024, 8192)
+    # Chunks of 16 blocks (HD: 8 programs an image, 4K: 32), at most 1024
+    # chunks an image.
+    chunk = max(16 * block, triton.cdiv(triton.cdiv(N, 1024), block) * block)
+    groups = triton.cdiv(N, chunk)
+    hist = torch.zeros((B, 4, _BINS), dtype=torch.int64, device=e.device)
+    counts = torch.empty((B, groups, 2), dtype=torch.int64, device=e.device)
+    grid = (groups, B)
+    for d in range(4):
+        wrap(_radix_histogram_kernel)[grid](e, hist, N, chunk, k, PASS=d, BLOCK=block)
+    wrap(_radix_count_kernel)[grid](e, hist, counts, N, chunk, k, BLOCK=block)
+    wrap(_radix_write_kernel)[grid](e, hist, counts, ref, idx, valid, N, W, chunk, k,
+                                    PREVENT=bool(prevent_oversampling), BLOCK=block,
+                                    GROUPS=triton.next_power_of_2(groups))
     return ref, idx, valid
 
 
