@@ -30,21 +30,25 @@ _BINS = 256  # 8-bit digits, 4 passes over the 32-bit keys
 
 
 @triton.jit
-def _radix_key(v):
-    """The order key as an int32 bit pattern that orders as unsigned: the
-    digits of a radix select are its bytes, most significant first."""
-    return _order_key(v) ^ -2147483648
+def _digit(key, PASS: tl.constexpr):
+    """Byte PASS (0: the most significant) of the int32 order key, as a
+    digit that orders like the key: the top byte's sign bit is flipped, so
+    negative keys get the small digits."""
+    d = (key >> (24 - 8 * PASS)) & 255
+    if PASS == 0:
+        d = d ^ 128
+    return d
 
 
 @triton.jit
 def _radix_state(hist_b, k, PASSES: tl.constexpr):
     """(prefix, rank) after PASSES digit passes, from image b's digit
-    histograms hist_b[pass][digit]: the digits of the k-th largest key chosen
+    histograms hist_b[pass][digit]: the bits of the k-th largest key chosen
     so far (the whole key after 4 passes), and the rank (1-based, from the
     largest) of that key among the keys with this prefix."""
     bins = tl.arange(0, 256)
     prefix = tl.zeros((), dtype=tl.int32)
-    rank = k.to(tl.int64)
+    rank = tl.zeros((), dtype=tl.int64) + k
     for d in tl.static_range(PASSES):
         count = tl.load(hist_b + d * 256 + bins)
         # Keys with a larger digit: the total minus the inclusive scan.
@@ -52,6 +56,8 @@ def _radix_state(hist_b, k, PASSES: tl.constexpr):
         hit = (above < rank) & (rank <= above + count)
         digit = tl.max(tl.where(hit, bins, -1), axis=0)
         rank = rank - tl.sum(tl.where(hit, above, 0), axis=0)
+        if d == 0:
+            digit = digit ^ 128
         prefix = prefix | (digit << (24 - 8 * d))
     return prefix, rank
 
@@ -64,7 +70,6 @@ def _radix_histogram_kernel(err_ptr, hist_ptr, n, chunk, k, PASS: tl.constexpr, 
     prefix, _ = _radix_state(hist_b, k, PASS)
     # The bits of the digits chosen so far.
     high: tl.constexpr = (-1 << (32 - 8 * PASS)) if PASS > 0 else 0
-    shift: tl.constexpr = 24 - 8 * PASS
     row = err_ptr + b * n
     begin = g.to(tl.int64) * chunk
     end = tl.minimum(begin + chunk, n)
@@ -72,18 +77,12 @@ def _radix_histogram_kernel(err_ptr, hist_ptr, n, chunk, k, PASS: tl.constexpr, 
     for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < end
-        key = _radix_key(tl.load(row + offs, mask=m, other=0.0).to(tl.float32))
-        digit = (key >> shift) & 255
+        key = _order_key(tl.load(row + offs, mask=m, other=0.0).to(tl.float32))
+        digit = _digit(key, PASS)
         # NB: keys outside the chunk or the prefix go to bins 256.. (dropped).
         total += tl.histogram(tl.where(m & ((key & high) == prefix), digit, 256 + digit), 512)
     bins = tl.arange(0, 512)
     tl.atomic_add(hist_b + PASS * 256 + bins, total.to(tl.int64), mask=bins < 256)
-
-
-@triton.jit
-def _above(key, kth):
-    """key > kth as unsigned int32 (flip the sign bits, compare signed)."""
-    return (key ^ -2147483648) > (kth ^ -2147483648)
 
 
 @triton.jit
@@ -101,8 +100,8 @@ def _radix_count_kernel(err_ptr, hist_ptr, counts_ptr, n, chunk, k, BLOCK: tl.co
     for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < end
-        key = _radix_key(tl.load(row + offs, mask=m, other=0.0).to(tl.float32))
-        above += tl.sum((_above(key, kth) & m).to(tl.int32), axis=0)
+        key = _order_key(tl.load(row + offs, mask=m, other=0.0).to(tl.float32))
+        above += tl.sum(((key > kth) & m).to(tl.int32), axis=0)
         ties += tl.sum(((key == kth) & m).to(tl.int32), axis=0)
     out = counts_ptr + (b * tl.num_programs(0) + g) * 2
     tl.store(out, above.to(tl.int64))
@@ -129,8 +128,8 @@ def _radix_write_kernel(err_ptr, hist_ptr, counts_ptr, ref_ptr, idx_ptr, valid_p
         offs = start + tl.arange(0, BLOCK)
         m = offs < end
         v = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
-        key = _radix_key(v)
-        gt = (_above(key, kth) & m).to(tl.int64)
+        key = _order_key(v)
+        gt = ((key > kth) & m).to(tl.int64)
         eq = ((key == kth) & m).to(tl.int64)
         above_before = above + tl.cumsum(gt, axis=0) - gt
         tie_rank = tied + tl.cumsum(eq, axis=0) - eq
