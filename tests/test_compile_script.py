@@ -75,11 +75,12 @@ def test_scripted_matting_refine_matches_eager_and_upstream(device, mode, tmp_pa
 
 # -- torch.compile -------------------------------------------------------------
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
-def test_matting_refine_compiles_fullgraph(mode):
+def test_matting_refine_compiles_fullgraph(device, mode):
     torch._dynamo.reset()
-    up, ours = matting_pair(mode)
-    src, bgr = images()
+    up, ours = matting_pair(mode, device)
+    src, bgr = images(device)
     # Thresholding: see test_opcheck.py's note on inductor's layout optimisation.
     with torch.no_grad(), torch._inductor.config.patch(layout_optimization=mode != "thresholding"):
         compiled = torch.compile(ours, fullgraph=True)(src, bgr)
