@@ -1,9 +1,14 @@
 """pymatting_ext: fast kernels for BackgroundMattingV2's refiner, as a
-drop-in replacement for its ``Refiner``.
+drop-in replacement for its ``Refiner``, ``MattingBase`` and ``MattingRefine``.
 
     from pymatting_ext import Refiner
     refiner = Refiner('sampling', 80_000, 0.1).eval()
     refiner.load_state_dict(upstream_refiner.state_dict())
+
+    model = pymatting_ext.MattingRefine('resnet50').eval()
+    model.load_state_dict(torch.load('pytorch_resnet50.pth'))
+
+    pymatting_ext.accelerate(upstream_model)   # in place
 """
 from . import _extension
 from ._backend import BACKENDS

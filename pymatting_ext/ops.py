@@ -1,6 +1,9 @@
 """The public ops. Each checks its arguments (a ValueError naming the argument
-for bad input), picks a backend (see pymatting_ext._backend.resolve) and runs
-the compiled kernel through the dispatcher or the reference.
+for bad input), picks a backend (see pymatting_ext._backend) and runs the C++
+op through the dispatcher (its CPU or CUDA kernel), the Triton op, or the
+reference. On every backend but 'cpu', whose kernels check for themselves,
+idx's values are range-checked on the host first (this synchronises; the
+Refiner calls the unchecked run_* functions).
 
 Shapes: B images, cells of the stride grid indexed by idx rows (b, y, x).
 """
