@@ -48,14 +48,37 @@ def _split_by_owner(grad: Tensor, idx: Tensor, valid: Optional[Tensor], s: int):
     return rest, patches
 
 
+def _taps(out_size: int, in_size: int, dtype: torch.dtype, device: torch.device):
+    """One axis of PyTorch's bilinear resize (align_corners=False): for each
+    output coordinate the two input indices and their weights, as
+    csrc/index_math.h's linear_tap (weights rounded to the tensor's dtype)."""
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.tensor(in_size, dtype=opmath) / torch.tensor(out_size, dtype=opmath)
+    src = (scale * (torch.arange(out_size, device=device, dtype=opmath) + 0.5) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    lam = (src - i0.to(opmath)).clamp(0, 1)
+    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+    return i0, i1, (1 - lam).to(dtype), lam.to(dtype)
+
+
 def _resize_backward(grad: Tensor, input_shape) -> Tensor:
     """Adjoint of F.interpolate(x, grad's size, 'bilinear', align_corners=False)
     for x of input_shape (identity where the sizes match, as the forward reads
-    such inputs directly)."""
-    if tuple(grad.shape[2:]) == tuple(input_shape[2:]):
+    such inputs directly): the separable transpose, width then height, by
+    index_add.
+
+    NB: written out rather than aten's upsample_bilinear2d_backward, which
+    rejects symbolic sizes while torch.compile traces a backward."""
+    H, W = grad.shape[2], grad.shape[3]
+    hi, wi = input_shape[2], input_shape[3]
+    if (H, W) == (hi, wi):
         return grad
-    return torch.ops.aten.upsample_bilinear2d_backward(
-        grad.contiguous(), list(grad.shape[2:]), list(input_shape), False, None, None)
+    x0, x1, wx0, wx1 = _taps(W, wi, grad.dtype, grad.device)
+    y0, y1, wy0, wy1 = _taps(H, hi, grad.dtype, grad.device)
+    rows = grad.new_zeros((grad.shape[0], grad.shape[1], H, wi))
+    rows.index_add_(3, x0, grad * wx0).index_add_(3, x1, grad * wx1)
+    out = grad.new_zeros((grad.shape[0], grad.shape[1], hi, wi))
+    return out.index_add_(2, y0, rows * wy0[:, None]).index_add_(2, y1, rows * wy1[:, None])
 
 
 # -- crop ----------------------------------------------------------------------
