@@ -2,6 +2,7 @@
 and the CUDA sources compiled in where the build was asked to include them."""
 import os
 
+import pytest
 import torch
 
 import pymatting_ext
@@ -32,3 +33,23 @@ def test_cuda_sources_built_when_required():
 def test_every_op_has_a_schema():
     for name in ("select_sampling", "select_thresholding", "crop", "replace", "compose"):
         assert hasattr(torch.ops.pymatting_ext, name), name
+
+
+def test_every_op_has_its_kernels():
+    ops = ("select_sampling", "select_thresholding", "crop", "replace", "compose")
+    cuda = pymatting_ext.build_info()["compiled"] == "cpu+cuda"
+    for name in ops:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pymatting_ext::{name}", "CPU"), name
+        # Built with its CUDA sources, every op has its CUDA kernel (a GPU is
+        # not needed to see the registration).
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pymatting_ext::{name}", "CUDA") == cuda, name
+
+
+def test_triton_kernels_are_installed_with_the_package():
+    pytest.importorskip("triton")
+    import pymatting_ext.triton_kernels as kernels
+
+    # pymatting_ext/triton_kernels when installed; kernels/triton in an
+    # editable install.
+    assert os.path.basename(os.path.dirname(kernels.__file__)) in ("triton_kernels", "triton")
+    assert pymatting_ext._backend.triton_status() == (True, "")
