@@ -3,7 +3,8 @@
 #   bash benchmarks/run.sh [extra arguments for the scripts, e.g. --quick]
 # Same set-up as tests/run.sh (torch only if none is installed, upstream's
 # package, a build of this checkout), then upstream vs ours on whatever device
-# is found; tables are printed and JSON written under benchmarks/results/.
+# is found (float32, and on a GPU float16 too); tables are printed and JSON
+# written under benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,5 +20,12 @@ fi
 (cd / && "$PY" -c "import pymatting_ext, pprint; pprint.pprint(pymatting_ext.build_info())")
 
 cd benchmarks
-"$PY" bench_refiner.py "$@"
-"$PY" bench_ops.py "$@"
+# float32 everywhere; on a GPU also float16 (the refiner at HD and 4K in both).
+DTYPES=float32
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    DTYPES="float32 float16"
+fi
+for dtype in $DTYPES; do
+    "$PY" bench_refiner.py --dtype "$dtype" "$@"
+    "$PY" bench_ops.py --dtype "$dtype" "$@"
+done
