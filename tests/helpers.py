@@ -39,3 +39,46 @@ def assert_close(actual, expected, atol, rtol=0.0, msg=""):
     assert bool(nan_same.all()), f"{msg}: NaN positions differ"
     bad = (diff > bound) & ~torch.isnan(diff)
     assert not bool(bad.any()), f"{msg}: max abs diff {diff[~torch.isnan(diff)].max().item():.3g} > atol {atol}"
+
+
+def check_refiner_in_a_cuda_graph(backend, prevent):
+    """The eval sampling Refiner on `backend`, captured once in a CUDA graph
+    and replayed on new inputs copied into the captured ones, equals eager
+    runs on those inputs (and the reference implementation): nothing in it
+    synchronises with the host or depends on the data's shapes."""
+    import pymatting_ext as pm
+    from pymatting_ext import reference
+
+    B, H, W, Hc, Wc = 2, 256, 384, 64, 96
+    model = random_bn_(pm.Refiner("sampling", 5000, 0.1, prevent_oversampling=prevent, backend=backend))
+    model = model.cuda().eval()
+    static = [t.clone() for t in refiner_inputs(B, H, W, Hc, Wc, device="cuda")]
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(*static)
+    for _ in range(2):
+        fresh = refiner_inputs(B, H, W, Hc, Wc, device="cuda")
+        # Some cells with zero error, so that invalid patches are exercised.
+        fresh[4][:, :, : Hc // 3] = 0
+        for s, f in zip(static, fresh):
+            s.copy_(f)
+        graph.replay()
+        torch.cuda.synchronize()
+        with torch.inference_mode():
+            eager = model(*fresh)
+            ref_out = reference.refine(model, *fresh)
+        assert len(captured) == len(eager) == 3
+        assert torch.equal(captured[2], eager[2]), "ref"
+        assert torch.equal(eager[2], ref_out[2]), "ref vs reference"
+        for name, c, e, r in zip(("pha", "fgr"), captured[:2], eager[:2], ref_out[:2]):
+            assert c.shape == e.shape and c.dtype == e.dtype
+            bound = 1e-5 * max(1.0, float(e.abs().max()))
+            assert float((c - e).abs().max()) <= bound, name
+            assert float((e - r).abs().max()) <= bound, f"{name} vs reference"

@@ -19,7 +19,7 @@ import pymatting_ext as pm
 from pymatting_ext import reference
 
 from conftest import DTYPES
-from helpers import assert_close, random_bn_, refiner_inputs
+from helpers import assert_close, check_refiner_in_a_cuda_graph, random_bn_, refiner_inputs
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -449,39 +449,4 @@ def test_out_of_range_idx_is_a_device_assertion_not_a_silent_write(op):
 
 @pytest.mark.parametrize("prevent", [True, False])
 def test_refiner_sampling_captured_in_a_cuda_graph(prevent):
-    B, H, W, Hc, Wc = 2, 256, 384, 64, 96
-    model = random_bn_(pm.Refiner("sampling", 5000, 0.1, prevent_oversampling=prevent, backend="cuda")).cuda().eval()
-    static = [t.clone() for t in refiner_inputs(B, H, W, Hc, Wc, device="cuda")]
-    with torch.inference_mode():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                model(*static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = model(*static)
-    for _ in range(2):
-        fresh = refiner_inputs(B, H, W, Hc, Wc, device="cuda")
-        # Some cells with zero error, so that invalid patches are exercised.
-        fresh[4][:, :, : Hc // 3] = 0
-        for s, f in zip(static, fresh):
-            s.copy_(f)
-        graph.replay()
-        torch.cuda.synchronize()
-        with torch.inference_mode():
-            eager = model(*fresh)
-        assert len(captured) == len(eager) == 3
-        assert torch.equal(captured[2], eager[2]), "ref"
-        for name, c, e in zip(("pha", "fgr"), captured[:2], eager[:2]):
-            assert c.shape == e.shape and c.dtype == e.dtype
-            bound = 1e-5 * max(1.0, float(e.abs().max()))
-            assert float((c - e).abs().max()) <= bound, name
-        # And the eager CUDA run agrees with the reference implementation.
-        with torch.inference_mode():
-            ref_out = reference.refine(model, *fresh)
-        assert torch.equal(eager[2], ref_out[2]), "ref vs reference"
-        for name, c, e in zip(("pha", "fgr"), eager[:2], ref_out[:2]):
-            bound = 1e-5 * max(1.0, float(e.abs().max()))
-            assert float((c - e).abs().max()) <= bound, f"{name} vs reference"
+    check_refiner_in_a_cuda_graph("cuda", prevent)

@@ -9,7 +9,7 @@ import pymatting_ext as pm
 from pymatting_ext import _backend, _extension, reference
 
 from conftest import BACKEND_CASES, needs_cuda
-from helpers import random_bn_, refiner_inputs
+from helpers import check_refiner_in_a_cuda_graph, random_bn_, refiner_inputs
 
 TRITON_CASES = [c for c in BACKEND_CASES if c.values[1] == "triton"]
 
@@ -226,3 +226,9 @@ def test_select_sampling_over_several_chunks(device, backend):
         want = reference.select_sampling(err.cpu(), k, True)
         for g, w in zip(got, want):
             assert torch.equal(g.cpu(), w)
+
+
+@needs_cuda
+@pytest.mark.parametrize("prevent", [True, False])
+def test_refiner_triton_captured_in_a_cuda_graph(prevent):
+    check_refiner_in_a_cuda_graph("triton", prevent)
