@@ -27,7 +27,14 @@ else:
 __version__ = "0.1.0"
 
 __all__ = ["Refiner", "MattingBase", "MattingRefine", "accelerate", "ops", "reference", "select_sampling", "select_thresholding", "crop",
-           "replace", "compose", "BACKENDS", "build_info", "extension_available"]
+           "replace", "compose", "BACKENDS", "build_info", "extension_available", "library_path"]
+
+
+def library_path() -> str:
+    """The compiled extension's file: what a C++ program loads (dlopen with
+    RTLD_LAZY | RTLD_GLOBAL) before torch::jit::load of a scripted model that
+    uses pymatting_ext's ops."""
+    return _extension.library_path()
 
 
 def extension_available() -> bool:

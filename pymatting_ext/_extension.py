@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-__all__ = ["available", "load_error", "require", "build_config", "cuda_compiled", "cuda_kernels"]
+__all__ = ["available", "load_error", "require", "build_config", "cuda_compiled", "cuda_kernels", "library_path"]
 
 try:
     from ._build_config import BUILD_CONFIG
@@ -40,6 +40,14 @@ def build_config() -> dict:
 def cuda_compiled() -> bool:
     """True if the loaded extension holds the CUDA sources."""
     return available() and hasattr(torch.ops.pymatting_ext, "cuda_build_info")
+
+
+def library_path() -> str:
+    """The file of the loaded extension: the library a C++ program loads
+    (dlopen) before torch::jit::load of a scripted model that uses the ops."""
+    require()
+    from . import _C
+    return _C.__file__
 
 
 def cuda_kernels() -> bool:

@@ -2,6 +2,8 @@
 torch.jit.script, torch.autocast and .half()/.bfloat16(), for Refiner and
 MattingRefine, against eager fp32 runs of the same model (and upstream's
 scripted model)."""
+import os
+import subprocess
 import warnings
 
 import pytest
@@ -144,3 +146,50 @@ def test_reduced_precision_model_within_tolerance(device, dtype, mode):
     fp32, low = fp32_and_low(mode, device, lambda model, src, bgr: model.to(dtype)(src.to(dtype), bgr.to(dtype)))
     assert all(t.dtype == dtype for t in low[:5])  # ref_sm is float32 in thresholding mode, as upstream's
     assert_within_documented_tolerance(fp32, low)
+
+
+# -- a scripted model in C++ ---------------------------------------------------
+
+def _compiler():
+    import shutil
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+@pytest.mark.skipif(_compiler() is None, reason="needs a C++ compiler")
+def test_scripted_matting_refine_runs_in_cpp_without_python(tmp_path):
+    """As upstream's C++ users do: torch::jit::load of the saved model in a
+    C++ program (libtorch only, no Python), with pymatting_ext's op library
+    loaded; the outputs equal Python's bit for bit."""
+    import torch.utils.cpp_extension as ext
+
+    _, ours = matting_pair("sampling")
+    src, bgr = images()
+    with torch.no_grad():
+        outputs = ours(src, bgr)
+    script(ours).save(str(tmp_path / "model.pt"))
+
+    class Case(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("src", src)
+            self.register_buffer("bgr", bgr)
+            for i, t in enumerate(outputs):
+                self.register_buffer(f"out{i}", t)
+
+    script(Case()).save(str(tmp_path / "case.pt"))
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    exe = str(tmp_path / "run_scripted")
+    cmd = [_compiler(), "-std=c++20", "-O0", os.path.join(here, "cpp", "run_scripted.cpp"), "-o", exe,
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    cmd += [f"-I{d}" for d in ext.include_paths()]
+    cmd += [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-ltorch", "-ltorch_cpu", "-lc10", "-ldl"]
+    build = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stderr[-4000:]
+
+    lib = pm.library_path()
+    run = subprocess.run([exe, lib, str(tmp_path / "model.pt"), str(tmp_path / "case.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr[-4000:]
+    assert run.stdout.count(" equal") == 6, run.stdout
