@@ -26,8 +26,9 @@ else:
 
 __version__ = "0.1.0"
 
-__all__ = ["Refiner", "MattingBase", "MattingRefine", "accelerate", "ops", "reference", "select_sampling", "select_thresholding", "crop",
-           "replace", "compose", "BACKENDS", "build_info", "extension_available", "library_path"]
+__all__ = ["Refiner", "MattingBase", "MattingRefine", "accelerate",
+           "ops", "reference", "select_sampling", "select_thresholding", "crop", "replace", "compose",
+           "BACKENDS", "build_info", "extension_available", "library_path"]
 
 
 def library_path() -> str:
