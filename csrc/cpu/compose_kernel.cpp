@@ -26,36 +26,10 @@ at::Tensor compose_cpu(const at::Tensor& coarse, const at::Tensor& patches, cons
                        const c10::optional<at::Tensor>& valid, at::IntArrayRef size,
                        const c10::optional<at::Tensor>& src) {
   const char* op = "compose";
-  check_rank(op, "coarse", coarse, 4, "(B, C, Hc, Wc)");
-  check_rank(op, "patches", patches, 4, "(P, C, s, s)");
-  check_float_dtype(op, "coarse", coarse);
-  check_same(op, "patches", patches, "coarse", coarse);
-  TORCH_CHECK(coarse.device().is_cpu(), op, ": this kernel takes CPU tensors, coarse is on ",
-              coarse.device());
-  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0, op,
-              ": size must be two positive sizes (H, W), got ", size);
+  check_compose_args(op, coarse, patches, idx, valid, size, src, at::kCPU);
   const int64_t B = coarse.size(0), C = coarse.size(1), HCo = coarse.size(2), WCo = coarse.size(3);
-  TORCH_CHECK(HCo > 0 && WCo > 0, op, ": coarse must not be empty, got ", coarse.sizes());
   const int64_t H = size[0], W = size[1];
   const int64_t s = patches.size(3);
-  TORCH_CHECK(patches.size(1) == C && patches.size(2) == s && s > 0, op,
-              ": patches must have shape (P, ", C, ", s, s) to match coarse's ", C,
-              " channels, got ", patches.sizes());
-  TORCH_CHECK(H % s == 0 && W % s == 0, op, ": size (", H, ", ", W,
-              ") must be divisible by the patch size ", s);
-  check_idx_meta(op, idx, coarse.device());
-  TORCH_CHECK(idx.size(0) == patches.size(0), op, ": idx has ", idx.size(0),
-              " rows but there are ", patches.size(0), " patches");
-  check_valid_meta(op, valid, idx);
-  if (src.has_value()) {
-    check_same(op, "src", *src, "coarse", coarse);
-    TORCH_CHECK(C >= 2, op, ": with src, coarse must hold alpha and at least one foreground channel, got ",
-                C, " channels");
-    TORCH_CHECK(src->dim() == 4 && src->size(0) == B && src->size(1) == C - 1 &&
-                    src->size(2) == H && src->size(3) == W,
-                op, ": src must have shape (", B, ", ", C - 1, ", ", H, ", ", W, "), got ",
-                src->sizes());
-  }
 
   const at::Tensor idx_c = idx.contiguous();
   const int64_t HB = H / s, WB = W / s;

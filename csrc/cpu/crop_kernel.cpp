@@ -36,27 +36,8 @@ struct CropSource {
 at::Tensor crop_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride,
                     int64_t padding, at::IntArrayRef image_size, at::IntArrayRef patch_size) {
   const char* op = "crop";
-  TORCH_CHECK(!inputs.empty(), op, ": inputs must hold at least one tensor");
-  TORCH_CHECK(stride >= 1, op, ": stride must be positive, got ", stride);
-  TORCH_CHECK(padding >= 0, op, ": padding must be non-negative, got ", padding);
-  TORCH_CHECK(image_size.size() == 2 && image_size[0] > 0 && image_size[1] > 0, op,
-              ": image_size must be two positive sizes (H, W), got ", image_size);
-  TORCH_CHECK(patch_size.size() == 2 && patch_size[0] > 0 && patch_size[1] > 0, op,
-              ": patch_size must be two positive sizes (h, w), got ", patch_size);
+  check_crop_args(op, inputs, idx, stride, padding, image_size, patch_size, at::kCPU);
   const at::Tensor& first = inputs[0];
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    const std::string name = "inputs[" + std::to_string(i) + "]";
-    check_rank(op, name.c_str(), inputs[i], 4, "(B, C, H, W)");
-    check_float_dtype(op, name.c_str(), inputs[i]);
-    check_same(op, name.c_str(), inputs[i], "inputs[0]", first);
-    TORCH_CHECK(inputs[i].size(0) == first.size(0), op, ": ", name, " has batch size ",
-                inputs[i].size(0), " but inputs[0] has ", first.size(0));
-    TORCH_CHECK(inputs[i].size(2) > 0 && inputs[i].size(3) > 0, op, ": ", name,
-                " must not be empty, got ", inputs[i].sizes());
-  }
-  TORCH_CHECK(first.device().is_cpu(), op, ": this kernel takes CPU tensors, inputs are on ",
-              first.device());
-  check_idx_meta(op, idx, first.device());
 
   const int64_t B = first.size(0), H = image_size[0], W = image_size[1];
   const int64_t PH = patch_size[0], PW = patch_size[1];

@@ -13,22 +13,9 @@ namespace {
 at::Tensor replace_cpu(const at::Tensor& x, const at::Tensor& patches, const at::Tensor& idx,
                        const c10::optional<at::Tensor>& valid) {
   const char* op = "replace";
-  check_rank(op, "x", x, 4, "(B, C, H, W)");
-  check_rank(op, "patches", patches, 4, "(P, C, s, s)");
-  check_float_dtype(op, "x", x);
-  check_same(op, "patches", patches, "x", x);
-  TORCH_CHECK(x.device().is_cpu(), op, ": this kernel takes CPU tensors, x is on ", x.device());
+  check_replace_args(op, x, patches, idx, valid, at::kCPU);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t s = patches.size(3);
-  TORCH_CHECK(patches.size(1) == C && patches.size(2) == s && s > 0, op,
-              ": patches must have shape (P, ", C, ", s, s) to match x's ", C,
-              " channels, got ", patches.sizes());
-  TORCH_CHECK(H % s == 0 && W % s == 0, op, ": x's height and width (", H, ", ", W,
-              ") must be divisible by the patch size ", s);
-  check_idx_meta(op, idx, x.device());
-  TORCH_CHECK(idx.size(0) == patches.size(0), op, ": idx has ", idx.size(0),
-              " rows but there are ", patches.size(0), " patches");
-  check_valid_meta(op, valid, idx);
 
   const at::Tensor idx_c = idx.contiguous();
   const int64_t HC = H / s, WC = W / s;

@@ -17,19 +17,11 @@ namespace pymatting_ext {
 namespace cpu {
 namespace {
 
-void check_err(const char* op, const at::Tensor& err) {
-  check_rank(op, "err", err, 4, "(B, 1, H, W)");
-  TORCH_CHECK(err.size(1) == 1, op, ": err must have shape (B, 1, H, W), got ", err.sizes());
-  check_float_dtype(op, "err", err);
-  TORCH_CHECK(err.device().is_cpu(), op, ": this kernel takes CPU tensors, err is on ",
-              err.device());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_sampling_cpu(const at::Tensor& err,
                                                                    int64_t k,
                                                                    bool prevent_oversampling) {
   const char* op = "select_sampling";
-  check_err(op, err);
+  check_select_args(op, err, at::kCPU);
   TORCH_CHECK(k >= 0, op, ": k must be non-negative, got ", k);
   const at::Tensor e = err.contiguous();
   const int64_t B = e.size(0), H = e.size(2), W = e.size(3), N = H * W;
@@ -97,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_sampling_cpu(const at::Ten
 std::tuple<at::Tensor, at::Tensor> select_thresholding_cpu(const at::Tensor& err,
                                                            double threshold) {
   const char* op = "select_thresholding";
-  check_err(op, err);
+  check_select_args(op, err, at::kCPU);
   const at::Tensor e = err.contiguous();
   const int64_t B = e.size(0), H = e.size(2), W = e.size(3), N = H * W;
   const int64_t total = B * N;

@@ -12,8 +12,6 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include "cuda_common.cuh"
 
 namespace pymatting_ext {
@@ -82,35 +80,10 @@ at::Tensor compose_cuda(const at::Tensor& coarse, const at::Tensor& patches, con
                         const c10::optional<at::Tensor>& valid, at::IntArrayRef size,
                         const c10::optional<at::Tensor>& src) {
   const char* op = "compose";
-  check_rank(op, "coarse", coarse, 4, "(B, C, Hc, Wc)");
-  check_rank(op, "patches", patches, 4, "(P, C, s, s)");
-  check_float_dtype(op, "coarse", coarse);
-  check_same(op, "patches", patches, "coarse", coarse);
-  check_cuda(op, "coarse", coarse);
-  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0, op,
-              ": size must be two positive sizes (H, W), got ", size);
+  check_compose_args(op, coarse, patches, idx, valid, size, src, at::kCUDA);
   const int64_t B = coarse.size(0), C = coarse.size(1), HCo = coarse.size(2), WCo = coarse.size(3);
-  TORCH_CHECK(HCo > 0 && WCo > 0, op, ": coarse must not be empty, got ", coarse.sizes());
   const int64_t H = size[0], W = size[1];
   const int64_t s = patches.size(3);
-  TORCH_CHECK(patches.size(1) == C && patches.size(2) == s && s > 0, op,
-              ": patches must have shape (P, ", C, ", s, s) to match coarse's ", C,
-              " channels, got ", patches.sizes());
-  TORCH_CHECK(H % s == 0 && W % s == 0, op, ": size (", H, ", ", W,
-              ") must be divisible by the patch size ", s);
-  check_idx_meta(op, idx, coarse.device());
-  TORCH_CHECK(idx.size(0) == patches.size(0), op, ": idx has ", idx.size(0),
-              " rows but there are ", patches.size(0), " patches");
-  check_valid_meta(op, valid, idx);
-  if (src.has_value()) {
-    check_same(op, "src", *src, "coarse", coarse);
-    TORCH_CHECK(C >= 2, op, ": with src, coarse must hold alpha and at least one foreground channel, got ",
-                C, " channels");
-    TORCH_CHECK(src->dim() == 4 && src->size(0) == B && src->size(1) == C - 1 &&
-                    src->size(2) == H && src->size(3) == W,
-                op, ": src must have shape (", B, ", ", C - 1, ", ", H, ", ", W, "), got ",
-                src->sizes());
-  }
   const at::cuda::OptionalCUDAGuard guard(coarse.device());
 
   const at::Tensor idx_c = idx.contiguous();
@@ -135,29 +108,15 @@ at::Tensor compose_cuda(const at::Tensor& coarse, const at::Tensor& patches, con
     const Strides4 ss = src.has_value() ? strides4(*src) : cs;
     const int32_t* mp = map.data_ptr<int32_t>();
     scalar_t* optr = out.data_ptr<scalar_t>();
-    auto launch = [&](auto index_tag, auto vec_tag) {
+    auto launch = [&](auto index_tag, auto vec4_tag) {
       using index_t = decltype(index_tag);
-      constexpr int kVec = decltype(vec_tag)::value;
+      constexpr int kVec = decltype(vec4_tag)::value ? 4 : 1;
       compose_kernel<scalar_t, index_t, kVec><<<blocks, kThreads, 0, stream>>>(
           cp, cs, pp, ps, sp, ss, mp, optr, static_cast<index_t>(groups), static_cast<index_t>(C),
           static_cast<index_t>(H), static_cast<index_t>(W), static_cast<index_t>(s), HCo, WCo, HB,
           WB, sh, sw);
     };
-    using V1 = std::integral_constant<int, 1>;
-    using V4 = std::integral_constant<int, 4>;
-    if (fits_int32(n)) {
-      if (vec4) {
-        launch(int32_t{}, V4{});
-      } else {
-        launch(int32_t{}, V1{});
-      }
-    } else {
-      if (vec4) {
-        launch(int64_t{}, V4{});
-      } else {
-        launch(int64_t{}, V1{});
-      }
-    }
+    launch_variant(fits_int32(n), vec4, launch);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "checks.h"
 #include "index_math.h"
@@ -21,10 +22,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), op, ": this kernel takes CUDA tensors, ", name, " is on ", t.device());
-}
 
 // Blocks for a grid-stride loop over n items (n > 0): enough to fill the
 // device several times over, never more than the items need.
@@ -39,6 +36,26 @@ inline int64_t blocks_for(int64_t n, int threads = kThreads) {
 // grid-stride step).
 inline bool fits_int32(int64_t n) {
   return n < (int64_t(1) << 30);
+}
+
+// Calls launch(index_tag, flag_tag) for the kernel variant a launch needs:
+// index_tag int32_t{} when every index fits int32 (small), else int64_t{};
+// flag_tag std::true_type{} or std::false_type{}.
+template <typename Launch>
+inline void launch_variant(bool small, bool flag, Launch&& launch) {
+  if (small) {
+    if (flag) {
+      launch(int32_t{}, std::true_type{});
+    } else {
+      launch(int32_t{}, std::false_type{});
+    }
+  } else {
+    if (flag) {
+      launch(int64_t{}, std::true_type{});
+    } else {
+      launch(int64_t{}, std::false_type{});
+    }
+  }
 }
 
 // An idx row (b, y, x) inside a grid of B x HC x WC cells. Out-of-range rows

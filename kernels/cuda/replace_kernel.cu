@@ -8,8 +8,6 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include "cuda_common.cuh"
 
 namespace pymatting_ext {
@@ -54,22 +52,9 @@ __global__ void __launch_bounds__(kThreads)
 at::Tensor replace_cuda(const at::Tensor& x, const at::Tensor& patches, const at::Tensor& idx,
                         const c10::optional<at::Tensor>& valid) {
   const char* op = "replace";
-  check_rank(op, "x", x, 4, "(B, C, H, W)");
-  check_rank(op, "patches", patches, 4, "(P, C, s, s)");
-  check_float_dtype(op, "x", x);
-  check_same(op, "patches", patches, "x", x);
-  check_cuda(op, "x", x);
+  check_replace_args(op, x, patches, idx, valid, at::kCUDA);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t s = patches.size(3);
-  TORCH_CHECK(patches.size(1) == C && patches.size(2) == s && s > 0, op,
-              ": patches must have shape (P, ", C, ", s, s) to match x's ", C,
-              " channels, got ", patches.sizes());
-  TORCH_CHECK(H % s == 0 && W % s == 0, op, ": x's height and width (", H, ", ", W,
-              ") must be divisible by the patch size ", s);
-  check_idx_meta(op, idx, x.device());
-  TORCH_CHECK(idx.size(0) == patches.size(0), op, ": idx has ", idx.size(0),
-              " rows but there are ", patches.size(0), " patches");
-  check_valid_meta(op, valid, idx);
   const at::cuda::OptionalCUDAGuard guard(x.device());
 
   const at::Tensor idx_c = idx.contiguous();
@@ -99,19 +84,7 @@ at::Tensor replace_cuda(const at::Tensor& x, const at::Tensor& patches, const at
           xp, xs, pp, ps, mp, op_, os, static_cast<index_t>(n), static_cast<index_t>(C),
           static_cast<index_t>(H), static_cast<index_t>(W), static_cast<index_t>(s), HC, WC);
     };
-    if (fits_int32(n)) {
-      if (channels_last) {
-        launch(int32_t{}, std::true_type{});
-      } else {
-        launch(int32_t{}, std::false_type{});
-      }
-    } else {
-      if (channels_last) {
-        launch(int64_t{}, std::true_type{});
-      } else {
-        launch(int64_t{}, std::false_type{});
-      }
-    }
+    launch_variant(fits_int32(n), channels_last, launch);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

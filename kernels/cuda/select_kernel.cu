@@ -273,18 +273,11 @@ __global__ void __launch_bounds__(kSelThreads)
   }
 }
 
-void check_err(const char* op, const at::Tensor& err) {
-  check_rank(op, "err", err, 4, "(B, 1, H, W)");
-  TORCH_CHECK(err.size(1) == 1, op, ": err must have shape (B, 1, H, W), got ", err.sizes());
-  check_float_dtype(op, "err", err);
-  check_cuda(op, "err", err);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_sampling_cuda(const at::Tensor& err,
                                                                     int64_t k,
                                                                     bool prevent_oversampling) {
   const char* op = "select_sampling";
-  check_err(op, err);
+  check_select_args(op, err, at::kCUDA);
   TORCH_CHECK(k >= 0, op, ": k must be non-negative, got ", k);
   const at::cuda::OptionalCUDAGuard guard(err.device());
   const at::Tensor e = err.contiguous();
@@ -432,7 +425,7 @@ __global__ void __launch_bounds__(kSelThreads)
 std::tuple<at::Tensor, at::Tensor> select_thresholding_cuda(const at::Tensor& err,
                                                             double threshold) {
   const char* op = "select_thresholding";
-  check_err(op, err);
+  check_select_args(op, err, at::kCUDA);
   const at::cuda::OptionalCUDAGuard guard(err.device());
   const at::Tensor e = err.contiguous();
   const int64_t B = e.size(0), H = e.size(2), W = e.size(3), N = H * W;
