@@ -22,24 +22,16 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from . import reference
+
 __all__ = ["register"]
-
-
-def _owner(idx: Tensor, valid: Optional[Tensor], batch: int, cells_h: int, cells_w: int) -> Tensor:
-    """(B, cells_h, cells_w) int64: the last valid patch naming each cell, or -1."""
-    order = torch.arange(idx.shape[0], device=idx.device)
-    if valid is not None:
-        order = torch.where(valid, order, torch.full_like(order, -1))
-    cell = (idx[:, 0] * cells_h + idx[:, 1]) * cells_w + idx[:, 2]
-    owner = torch.full((batch * cells_h * cells_w,), -1, dtype=torch.long, device=idx.device)
-    return owner.scatter_reduce(0, cell, order, reduce="amax").view(batch, cells_h, cells_w)
 
 
 def _split_by_owner(grad: Tensor, idx: Tensor, valid: Optional[Tensor], s: int):
     """grad (B, C, H, W) split into the part outside the owned cells and the
     owning patches' (P, C, s, s) share."""
     B, C, H, W = grad.shape
-    owner = _owner(idx, valid, B, H // s, W // s)
+    owner = reference.cell_owner(idx, valid, B, H // s, W // s)
     owned = (owner >= 0).repeat_interleave(s, 1).repeat_interleave(s, 2)[:, None]
     rest = grad.masked_fill(owned, 0)
     blocks = grad.reshape(B, C, H // s, s, W // s, s).permute(0, 2, 4, 1, 3, 5)

@@ -66,6 +66,18 @@ def crop(inputs: Sequence[torch.Tensor], idx: torch.Tensor, stride: int, padding
     return patches.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
+def cell_owner(idx: torch.Tensor, valid: Optional[torch.Tensor], batch: int, cells_h: int,
+               cells_w: int) -> torch.Tensor:
+    """(B, cells_h, cells_w) int64: the last valid patch naming each cell (as
+    a sequential scatter leaves it), or -1."""
+    order = torch.arange(idx.shape[0], device=idx.device)
+    if valid is not None:
+        order = torch.where(valid, order, torch.full_like(order, -1))
+    cell = (idx[:, 0] * cells_h + idx[:, 1]) * cells_w + idx[:, 2]
+    owner = torch.full((batch * cells_h * cells_w,), -1, dtype=torch.long, device=idx.device)
+    return owner.scatter_reduce(0, cell, order, reduce="amax").view(batch, cells_h, cells_w)
+
+
 def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
             valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A copy of x (B, C, H, W) with cell (y, x) of image b replaced by patch p
@@ -75,13 +87,7 @@ def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
     P, s = patches.shape[0], patches.shape[-1]
     if P == 0:
         return x.clone()
-    # owner[b, y, x]: the last valid patch naming the cell, or -1.
-    order = torch.arange(P, device=x.device)
-    if valid is not None:
-        order = torch.where(valid, order, torch.full_like(order, -1))
-    cell = (idx[:, 0] * (H // s) + idx[:, 1]) * (W // s) + idx[:, 2]
-    owner = torch.full((B * (H // s) * (W // s),), -1, dtype=torch.long, device=x.device)
-    owner = owner.scatter_reduce(0, cell, order, reduce="amax").view(B, H // s, W // s)
+    owner = cell_owner(idx, valid, B, H // s, W // s)
     ys = torch.arange(H, device=x.device)
     xs = torch.arange(W, device=x.device)
     owner = owner[:, ys // s][:, :, xs // s]  # (B, H, W)
