@@ -68,8 +68,9 @@ import torch.nn.functional as F
 
 import pymatting_ext as pm
 from pymatting_ext import ops
+from pymatting_ext._backend import compiled_backends
 
-from common import (SETTINGS, Contention, Printer, compiled_backends, device_info, header, make_inputs,
+from common import (SETTINGS, Contention, Printer, device_info, header, make_inputs,
                     minor_faults, parse_common, timeit, write_results)
 
 

@@ -11,15 +11,16 @@ statistics, so that folding them is exercised).
 
 Providers: upstream; ours with each compiled backend that runs on the
 device (the C++ kernels on the CPU; the CUDA and the Triton kernels on a
-GPU), the one 'auto' picks first; ours with backend='reference' (the pure-PyTorch
-ops). Each is timed in
-its steady state, one after the other (see common.timeit), with its
-minor page faults per call (CPU: fresh full-resolution tensors beyond
-malloc's mmap threshold come as new pages at every call).
+GPU), the one 'auto' picks first; ours with backend='reference' (the
+pure-PyTorch ops). Each is timed in its steady state, one after the other
+(see common.timeit), with its minor page faults per call (CPU: fresh
+full-resolution tensors beyond malloc's mmap threshold come as new pages at
+every call).
 
-Then where ours (with the backend 'auto' picks) spends its time: one forward pass re-enacted step by
-step with a stopwatch between the steps (see breakdown), so that the steps add
-up to the whole refiner. Prints both tables and writes
+Then where ours (with the backend 'auto' picks) spends its time: one forward
+pass re-enacted step by step with a stopwatch between the steps (see
+breakdown), so that the steps add up to the whole refiner. Prints both
+tables and writes
 results/<device>/refiner_<dtype>.{json,txt}.
 """
 import argparse
@@ -31,10 +32,11 @@ from BackgroundMattingV2.model.refiner import Refiner as UpstreamRefiner
 
 import pymatting_ext
 from pymatting_ext import ops
-from pymatting_ext._backend import resolve
+from pymatting_ext._backend import compiled_backends, resolve
 
-from common import (SETTINGS, Contention, Laps, Printer, compiled_backends, device_info, header, make_inputs,
+from common import (SETTINGS, Contention, Laps, Printer, device_info, header, make_inputs,
                     minor_faults, parse_common, random_bn_, timeit, write_results)
+
 STEPS = ("select", "crop", "convolutions", "compose")
 STEP_LABELS = {
     "select": "select (err resize + select_sampling)",

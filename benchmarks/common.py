@@ -22,24 +22,6 @@ SETTINGS = {
 }
 
 
-def compiled_backends(device, dtype):
-    """Our compiled backends that run `dtype` tensors on `device`, the one
-    'auto' picks first: the C++ kernels on the CPU; the CUDA kernels and the
-    Triton kernels on a GPU."""
-    from pymatting_ext import _backend, _extension
-
-    auto = _backend.resolve("auto", device, dtype)
-    found = []
-    if device.type == "cpu" and _extension.available():
-        found.append("cpu")
-    if device.type == "cuda":
-        if _extension.cuda_kernels():
-            found.append("cuda")
-        if dtype in _backend.TRITON_DTYPES and _backend.triton_status()[0]:
-            found.append("triton")
-    return sorted(found, key=lambda b: b != auto)
-
-
 def is_cuda(device):
     return torch.device(device).type == "cuda"
 

@@ -21,13 +21,13 @@ replaces 'auto' everywhere (an explicit ``backend=`` still wins). A backend
 that cannot run the tensors at hand raises an error saying why.
 """
 import os
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
 from . import _extension
 
-__all__ = ["BACKENDS", "ENV_VAR", "resolve", "triton_status"]
+__all__ = ["BACKENDS", "ENV_VAR", "resolve", "compiled_backends", "triton_status"]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -113,3 +113,17 @@ def resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype] = N
             raise ValueError(f"backend='triton' supports float32, float16 and bfloat16, got {dtype}; "
                              "use 'cpu', 'cuda' or 'reference' for it")
     return backend
+
+
+def compiled_backends(device: torch.device, dtype: Optional[torch.dtype] = None) -> List[str]:
+    """The compiled backends ('cpu', 'cuda', 'triton') that resolve accepts
+    for tensors of `dtype` on `device`, the one 'auto' picks first."""
+    found = []
+    for backend in ("cpu", "cuda", "triton"):
+        try:
+            resolve(backend, device, dtype)
+        except (ValueError, RuntimeError):
+            continue
+        found.append(backend)
+    auto = _auto(device, dtype)
+    return sorted(found, key=lambda b: b != auto)

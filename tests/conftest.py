@@ -19,24 +19,16 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-def _triton_runs(device):
-    ok, why = _backend.triton_status()
-    if not ok:
-        return False, why
-    if device == "cpu" and not _backend.triton_interpreting():
-        return False, "Triton runs CPU tensors only under TRITON_INTERPRET=1"
-    return True, ""
-
-
 def _backend_case(device, backend):
     marks = [needs_cuda] if device == "cuda" else []
     if backend == "cuda" and torch.cuda.is_available() and not _extension.cuda_kernels():
         # A GPU but an extension without CUDA kernels is a build failure.
         marks.append(pytest.mark.xfail(reason="extension built without CUDA kernels", strict=True))
     if backend == "triton":
-        ok, why = _triton_runs(device)
-        if not ok:
-            marks.append(pytest.mark.skip(reason=why))
+        try:
+            _backend.resolve("triton", torch.device(device))
+        except (ValueError, RuntimeError) as exc:
+            marks.append(pytest.mark.skip(reason=str(exc)))
     return pytest.param(device, backend, marks=marks, id=f"{device}-{backend}")
 
 
@@ -70,11 +62,4 @@ def _no_tf32():
 
 def compiled_backends(device):
     """The compiled backends that run on `device` ('reference' excluded)."""
-    out = []
-    if device == "cpu" and _extension.available():
-        out.append("cpu")
-    if device == "cuda" and _extension.cuda_kernels():
-        out.append("cuda")
-    if _triton_runs(device)[0]:
-        out.append("triton")
-    return out
+    return _backend.compiled_backends(torch.device(device))
