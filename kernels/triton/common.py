@@ -108,6 +108,23 @@ def linear_tap(dst, in_size, scale, dtype: tl.constexpr):
 
 
 @triton.jit
+def bilinear(plane, y, x, in_h, in_w, scale_h, scale_w, sh, sw, mask, dtype: tl.constexpr):
+    """The bilinear resize (align_corners=False) of the (in_h, in_w) plane
+    with strides (sh, sw), at output coordinates (y, x) (int32), in float32,
+    in PyTorch's order: the width pass inside, the height pass outside
+    (csrc/index_math.h's linear_mix)."""
+    y0, y1, wy0, wy1 = linear_tap(y, in_h, scale_h, dtype)
+    x0, x1, wx0, wx1 = linear_tap(x, in_w, scale_w, dtype)
+    r0 = plane + y0.to(tl.int64) * sh
+    r1 = plane + y1.to(tl.int64) * sh
+    v00 = tl.load(r0 + x0.to(tl.int64) * sw, mask=mask, other=0.0).to(tl.float32)
+    v01 = tl.load(r0 + x1.to(tl.int64) * sw, mask=mask, other=0.0).to(tl.float32)
+    v10 = tl.load(r1 + x0.to(tl.int64) * sw, mask=mask, other=0.0).to(tl.float32)
+    v11 = tl.load(r1 + x1.to(tl.int64) * sw, mask=mask, other=0.0).to(tl.float32)
+    return (v00 * wx0 + v01 * wx1) * wy0 + (v10 * wx0 + v11 * wx1) * wy1
+
+
+@triton.jit
 def clamp01(v):
     """clamp(v, 0, 1) that lets NaN through, as torch.clamp."""
     return tl.where(v < 0.0, 0.0, tl.where(v > 1.0, 1.0, v))

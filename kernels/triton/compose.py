@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_size, check_dtype, clamp01, known_empty, linear_scale, linear_tap, to_dtype, wrap
+from .common import bilinear, block_size, check_dtype, clamp01, known_empty, linear_scale, to_dtype, wrap
 
 
 @triton.jit
@@ -54,14 +54,20 @@ def _patch_or(cell_ptr, patch_ptr, spp, spc, sph, spw, b, c, y, x, s, cells_h, c
 
 
 @triton.jit
+def _nchw(e, channels, height, width):
+    """(b, c, y, x) of flat index e into a contiguous (B, C, H, W) tensor."""
+    x = e % width
+    y = (e // width) % height
+    c = (e // (width * height)) % channels
+    return e // (width * height * channels), c, y, x
+
+
+@triton.jit
 def _replace_kernel(x_ptr, patch_ptr, cell_ptr, out_ptr, total, channels, height, width, s,
                     sxb, sxc, sxh, sxw, spp, spc, sph, spw, sob, soc, soh, sow, BLOCK: tl.constexpr):
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = e < total
-    x = e % width
-    y = (e // width) % height
-    c = (e // (width * height)) % channels
-    b = e // (width * height * channels)
+    b, c, y, x = _nchw(e, channels, height, width)
     pv, has = _patch_or(cell_ptr, patch_ptr, spp, spc, sph, spw, b, c, y, x, s,
                         height // s, width // s, m)
     xv = tl.load(x_ptr + b * sxb + c * sxc + y * sxh + x * sxw, mask=m & ~has, other=0.0)
@@ -93,10 +99,7 @@ def _compose_kernel(coarse_ptr, patch_ptr, cell_ptr, src_ptr, out_ptr, total, ch
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = e < total
-    x = e % width
-    y = (e // width) % height
-    c = (e // (width * height)) % channels
-    b = e // (width * height * channels)
+    b, c, y, x = _nchw(e, channels, height, width)
     pv, has = _patch_or(cell_ptr, patch_ptr, spp, spc, sph, spw, b, c, y, x, s,
                         height // s, width // s, m)
     plane = coarse_ptr + b * scb + c * scc
@@ -104,15 +107,8 @@ def _compose_kernel(coarse_ptr, patch_ptr, cell_ptr, src_ptr, out_ptr, total, ch
     if SAME:
         v = tl.load(plane + y * sch + x * scw, mask=up, other=0.0).to(dtype)
     else:
-        y0, y1, wy0, wy1 = linear_tap(y.to(tl.int32), coarse_h, scale_h, dtype)
-        x0, x1, wx0, wx1 = linear_tap(x.to(tl.int32), coarse_w, scale_w, dtype)
-        r0 = plane + y0.to(tl.int64) * sch
-        r1 = plane + y1.to(tl.int64) * sch
-        v00 = tl.load(r0 + x0.to(tl.int64) * scw, mask=up, other=0.0).to(tl.float32)
-        v01 = tl.load(r0 + x1.to(tl.int64) * scw, mask=up, other=0.0).to(tl.float32)
-        v10 = tl.load(r1 + x0.to(tl.int64) * scw, mask=up, other=0.0).to(tl.float32)
-        v11 = tl.load(r1 + x1.to(tl.int64) * scw, mask=up, other=0.0).to(tl.float32)
-        v = to_dtype((v00 * wx0 + v01 * wx1) * wy0 + (v10 * wx0 + v11 * wx1) * wy1, dtype)
+        v = to_dtype(bilinear(plane, y.to(tl.int32), x.to(tl.int32), coarse_h, coarse_w, scale_h, scale_w,
+                              sch, scw, up, dtype), dtype)
     v = tl.where(has, pv.to(dtype), v)
     if EPILOGUE:
         cs = tl.maximum(c - 1, 0)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_size, check_dtype, known_empty, linear_scale, linear_tap, to_dtype, wrap
+from .common import bilinear, block_size, check_dtype, known_empty, linear_scale, to_dtype, wrap
 
 
 @triton.jit
@@ -38,15 +38,7 @@ def _crop_kernel(x_ptr, idx_ptr, out_ptr, total,
     plane = x_ptr + b * sxb + c.to(tl.int64) * sxc
     if RESAMPLE:
         dtype: tl.constexpr = out_ptr.dtype.element_ty
-        y0, y1, wy0, wy1 = linear_tap(y, in_h, scale_h, dtype)
-        x0, x1, wx0, wx1 = linear_tap(x, in_w, scale_w, dtype)
-        r0 = plane + y0.to(tl.int64) * sxh
-        r1 = plane + y1.to(tl.int64) * sxh
-        v00 = tl.load(r0 + x0.to(tl.int64) * sxw, mask=inside, other=0.0).to(tl.float32)
-        v01 = tl.load(r0 + x1.to(tl.int64) * sxw, mask=inside, other=0.0).to(tl.float32)
-        v10 = tl.load(r1 + x0.to(tl.int64) * sxw, mask=inside, other=0.0).to(tl.float32)
-        v11 = tl.load(r1 + x1.to(tl.int64) * sxw, mask=inside, other=0.0).to(tl.float32)
-        v = (v00 * wx0 + v01 * wx1) * wy0 + (v10 * wx0 + v11 * wx1) * wy1
+        v = bilinear(plane, y, x, in_h, in_w, scale_h, scale_w, sxh, sxw, inside, dtype)
         v = to_dtype(tl.where(inside, v, 0.0), dtype)
     else:
         v = tl.load(plane + y.to(tl.int64) * sxh + x.to(tl.int64) * sxw, mask=inside, other=0.0)
