@@ -26,6 +26,37 @@ def refiner_inputs(B, H, W, Hc, Wc, device="cpu", dtype=torch.float32, err=None)
     return tuple(t.to(dtype) for t in (src, bgr, pha, fgr, err, hid))
 
 
+def layouts(t, kind):
+    """The same values as contiguous, channels-last or a sliced view."""
+    if kind == "contiguous":
+        return t.contiguous()
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    big = torch.zeros(t.shape[0], t.shape[1] + 2, t.shape[2], t.shape[3] * 2, dtype=t.dtype, device=t.device)
+    view = big[:, 1:1 + t.shape[1], :, ::2]
+    view.copy_(t)
+    assert view.numel() == 0 or not view.is_contiguous()
+    return view
+
+
+def cpu(*ts):
+    return [None if t is None else t.cpu() for t in ts]
+
+
+def check_outputs(a, b, atol=1e-5):
+    """Two refiners' (pha, fgr, ref): the same shapes, dtypes and devices,
+    ref equal, pha and fgr within atol scaled to the outputs' magnitude."""
+    assert len(a) == len(b) == 3
+    for name, u, o in zip(("pha", "fgr", "ref"), a, b):
+        assert u.shape == o.shape and u.dtype == o.dtype and u.device == o.device, name
+    assert torch.equal(a[2], b[2]), "ref"
+    for name, u, o in zip(("pha", "fgr"), a[:2], b[:2]):
+        # Random weights give outputs up to |x| ~ 10: scale the bound.
+        bound = atol * max(1.0, float(u.detach().abs().max()))
+        diff = float((u - o).detach().abs().max())
+        assert diff <= bound, f"{name}: max abs diff {diff:.3g} > {bound:.3g}"
+
+
 def quarter_err(err, H, W):
     return F.interpolate(err, (H // 4, W // 4), mode="bilinear", align_corners=False)
 

@@ -19,7 +19,7 @@ import pymatting_ext as pm
 from pymatting_ext import reference
 
 from conftest import DTYPES
-from helpers import assert_close, check_refiner_in_a_cuda_graph, random_bn_, refiner_inputs
+from helpers import assert_close, check_refiner_in_a_cuda_graph, cpu, layouts, random_bn_, refiner_inputs
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -30,23 +30,6 @@ ops = torch.ops.pymatting_ext
 # The compiled bilinear against F.interpolate (the reference): the same
 # formula, rounded differently in the last bit (FMA contraction).
 ATOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-def layouts(t, kind):
-    """The same values as contiguous, channels-last or a sliced view."""
-    if kind == "contiguous":
-        return t.contiguous()
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    big = torch.zeros(t.shape[0], t.shape[1] + 2, t.shape[2], t.shape[3] * 2, dtype=t.dtype, device=t.device)
-    view = big[:, 1:1 + t.shape[1], :, ::2]
-    view.copy_(t)
-    assert view.numel() == 0 or not view.is_contiguous()
-    return view
-
-
-def cpu(*ts):
-    return [None if t is None else t.cpu() for t in ts]
 
 
 def assert_equal(got, want, name=""):

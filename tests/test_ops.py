@@ -13,28 +13,11 @@ from conftest import BACKEND_CASES, DTYPES, compiled_backends, skip_unsupported
 #: The compiled backends that take CPU tensors here (Triton through its
 #: interpreter when there is no GPU).
 CPU_BACKENDS = compiled_backends("cpu")
-from helpers import assert_close
+from helpers import assert_close, cpu, layouts
 
 # Tolerance of the compiled bilinear against F.interpolate's: the same
 # formula, but PyTorch's own kernel may contract to FMA.
 ATOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def layouts(t, kind):
-    """The same values as contiguous, channels-last or a sliced view."""
-    if kind == "contiguous":
-        return t.contiguous()
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    big = torch.zeros(t.shape[0], t.shape[1] + 2, t.shape[2], t.shape[3] * 2, dtype=t.dtype, device=t.device)
-    view = big[:, 1:1 + t.shape[1], :, ::2]
-    view.copy_(t)
-    assert not view.is_contiguous()
-    return view
-
-
-def cpu(*ts):
-    return [None if t is None else t.cpu() for t in ts]
 
 
 # -- select_sampling ---------------------------------------------------------

@@ -10,7 +10,7 @@ import pymatting_ext as pm
 from pymatting_ext import reference
 
 from conftest import DEVICES, needs_cuda
-from helpers import quarter_err, random_bn_, refiner_inputs
+from helpers import check_outputs, quarter_err, random_bn_, refiner_inputs
 
 Upstream = pytest.importorskip("BackgroundMattingV2.model.refiner").Refiner
 
@@ -30,18 +30,6 @@ def pair(mode, sample_pixels=2000, threshold=0.4, kernel_size=3, prevent=True, b
 
 def inputs(B, H, W, scale, device="cpu", dtype=torch.float32, err=None):
     return refiner_inputs(B, H, W, int(H * scale), int(W * scale), device, dtype, err)
-
-
-def check_outputs(a, b, atol=1e-5):
-    assert len(a) == len(b) == 3
-    for name, u, o in zip(("pha", "fgr", "ref"), a, b):
-        assert u.shape == o.shape and u.dtype == o.dtype and u.device == o.device, name
-    assert torch.equal(a[2], b[2]), "ref"
-    for name, u, o in zip(("pha", "fgr"), a[:2], b[:2]):
-        # Random weights give outputs up to |x| ~ 10: scale the bound.
-        bound = atol * max(1.0, float(u.detach().abs().max()))
-        diff = float((u - o).detach().abs().max())
-        assert diff <= bound, f"{name}: max abs diff {diff:.3g} > {bound:.3g}"
 
 
 @pytest.mark.parametrize("device", DEVICES)

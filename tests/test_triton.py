@@ -9,7 +9,7 @@ import pymatting_ext as pm
 from pymatting_ext import _backend, _extension, reference
 
 from conftest import BACKEND_CASES, needs_cuda
-from helpers import check_refiner_in_a_cuda_graph, random_bn_, refiner_inputs
+from helpers import check_outputs, check_refiner_in_a_cuda_graph, random_bn_, refiner_inputs
 
 TRITON_CASES = [c for c in BACKEND_CASES if c.values[1] == "triton"]
 
@@ -85,15 +85,6 @@ def test_triton_equals_cuda(dtype):
     a = pm.compose(coarse, patches, idx, valid, (H, W), src, backend="triton")
     b = pm.compose(coarse, patches, idx, valid, (H, W), src, backend="cuda")
     torch.testing.assert_close(a, b, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=0)
-
-
-def check_outputs(a, b, atol):
-    assert torch.equal(a[2], b[2]), "ref"
-    for name, u, o in zip(("pha", "fgr"), a[:2], b[:2]):
-        assert u.shape == o.shape and u.dtype == o.dtype, name
-        bound = atol * max(1.0, float(u.abs().max()))
-        diff = float((u - o).abs().max())
-        assert diff <= bound, f"{name}: max abs diff {diff:.3g} > {bound:.3g}"
 
 
 @pytest.mark.parametrize("device,backend", TRITON_CASES)
