@@ -96,6 +96,24 @@ inline void check_crop_args(const char* op, at::TensorList inputs, const at::Ten
   check_idx_meta(op, idx, first.device());
 }
 
+// out of crop_into: channels-last contiguous (P, C_out, ph, pw), the inputs'
+// dtype and device, one patch per idx row, room for the inputs' C channels
+// from channel_offset on.
+inline void check_crop_into_out(const char* op, const at::Tensor& out, const at::Tensor& first,
+                                const at::Tensor& idx, int64_t C, int64_t channel_offset) {
+  check_rank(op, "out", out, 4, "(P, C, ph, pw)");
+  check_same(op, "out", out, "inputs[0]", first);
+  TORCH_CHECK(out.size(0) == idx.size(0), op, ": out has ", out.size(0),
+              " patches but idx has ", idx.size(0), " rows");
+  TORCH_CHECK(out.size(2) > 0 && out.size(3) > 0, op, ": out's patches must not be empty, got ",
+              out.sizes());
+  TORCH_CHECK(channel_offset >= 0 && channel_offset + C <= out.size(1), op, ": channel_offset (",
+              channel_offset, ") plus the inputs' ", C, " channels must fit in out's ", out.size(1),
+              " channels");
+  TORCH_CHECK(out.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": out must be channels-last contiguous, got strides ", out.strides());
+}
+
 // patches (P, C, s, s) of replace and compose, written into the s x s cells
 // of an (H, W) image (`target` has the channels, `extent` names H and W),
 // and the idx and valid rows that place them.

@@ -34,6 +34,12 @@ TORCH_LIBRARY(pymatting_ext, m) {
   // channels-last, patch p read at origin (stride*y - padding,
   // stride*x - padding), zeros outside the image.
   m.def("crop(Tensor[] inputs, Tensor idx, int stride, int padding, SymInt[2] image_size, SymInt[2] patch_size) -> Tensor");
+  // crop's patches written into channels [channel_offset, channel_offset +
+  // sum C_i) of `out`, a channels-last contiguous (P, C_out, ph, pw) tensor of
+  // the inputs' dtype and device (the patch size is out's); out's other
+  // channels are left as they are. Lets the refiner assemble conv3's input
+  // (P, 22, 8, 8) in place instead of a cat.
+  m.def("crop_into(Tensor[] inputs, Tensor idx, int stride, int padding, SymInt[2] image_size, int channel_offset, Tensor(a!) out) -> ()");
   // x: (B, C, H, W), patches: (P, C, s, s). A copy of x with the block
   // (y*s, x*s) of image b replaced by patch p, for every p (valid ones only).
   m.def("replace(Tensor x, Tensor patches, Tensor idx, Tensor? valid) -> Tensor");

@@ -13,7 +13,7 @@ drop-in replacement for its ``Refiner``, ``MattingBase`` and ``MattingRefine``.
 from . import _extension
 from ._backend import BACKENDS
 from . import ops, reference
-from .ops import compose, crop, replace, select_sampling, select_thresholding
+from .ops import compose, crop, crop_into, replace, select_sampling, select_thresholding
 from .refiner import Refiner
 from .models import MattingBase, MattingRefine, accelerate
 
@@ -27,7 +27,7 @@ else:
 __version__ = "0.1.0"
 
 __all__ = ["Refiner", "MattingBase", "MattingRefine", "accelerate",
-           "ops", "reference", "select_sampling", "select_thresholding", "crop", "replace", "compose",
+           "ops", "reference", "select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose",
            "BACKENDS", "build_info", "extension_available", "library_path"]
 
 

@@ -32,6 +32,10 @@ def crop_fake(inputs, idx, stride, padding, image_size, patch_size):
                        memory_format=torch.channels_last)
 
 
+def crop_into_fake(inputs, idx, stride, padding, image_size, channel_offset, out):
+    return None
+
+
 def replace_fake(x, patches, idx, valid):
     # x's layout, as the compiled kernels return it.
     return torch.empty_like(x)
@@ -42,7 +46,7 @@ def compose_fake(coarse, patches, idx, valid, size, src):
 
 
 FAKES = {"select_sampling": select_sampling_fake, "select_thresholding": select_thresholding_fake,
-         "crop": crop_fake, "replace": replace_fake, "compose": compose_fake}
+         "crop": crop_fake, "crop_into": crop_into_fake, "replace": replace_fake, "compose": compose_fake}
 
 
 def register(namespace: str):

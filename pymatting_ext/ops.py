@@ -14,7 +14,7 @@ import torch
 from . import reference
 from ._backend import resolve
 
-__all__ = ["select_sampling", "select_thresholding", "crop", "replace", "compose"]
+__all__ = ["select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -117,16 +117,9 @@ def select_thresholding(err: torch.Tensor, threshold: float, *,
     return run_select_thresholding(resolve(backend, err.device, err.dtype), err, float(threshold))
 
 
-def crop(inputs: Sequence[torch.Tensor], idx: torch.Tensor, stride: int, padding: int,
-         image_size: Sequence[int], patch_size: Optional[Sequence[int]] = None, *,
-         backend: str = "auto") -> torch.Tensor:
-    """Patches (P, sum C_i, ph, pw), channels-last, from the channel
-    concatenation of ``inputs`` (each (B, C_i, H_i, W_i)) bilinearly resized
-    to ``image_size`` (align_corners=False; inputs already of that size are
-    read directly). Patch p starts at (stride*y - padding, stride*x - padding)
-    for idx row (b, y, x); reads outside the image are zeros. ``patch_size``
-    defaults to stride + 2*padding square."""
-    op = "crop"
+def _check_crop(op, inputs, idx, stride, padding, image_size, patch_size):
+    """The checks of crop and crop_into; returns (inputs as a list, image_size,
+    patch_size as tuples)."""
     if isinstance(inputs, torch.Tensor):
         inputs = [inputs]
     inputs = list(inputs)
@@ -147,10 +140,50 @@ def crop(inputs: Sequence[torch.Tensor], idx: torch.Tensor, stride: int, padding
     patch_size = (stride + 2 * padding,) * 2 if patch_size is None else tuple(patch_size)
     _check_size(op, "patch_size", patch_size)
     _check_idx(op, idx, inputs[0].device)
+    return inputs, image_size, patch_size
+
+
+def crop(inputs: Sequence[torch.Tensor], idx: torch.Tensor, stride: int, padding: int,
+         image_size: Sequence[int], patch_size: Optional[Sequence[int]] = None, *,
+         backend: str = "auto") -> torch.Tensor:
+    """Patches (P, sum C_i, ph, pw), channels-last, from the channel
+    concatenation of ``inputs`` (each (B, C_i, H_i, W_i)) bilinearly resized
+    to ``image_size`` (align_corners=False; inputs already of that size are
+    read directly). Patch p starts at (stride*y - padding, stride*x - padding)
+    for idx row (b, y, x); reads outside the image are zeros. ``patch_size``
+    defaults to stride + 2*padding square."""
+    op = "crop"
+    inputs, image_size, patch_size = _check_crop(op, inputs, idx, stride, padding, image_size, patch_size)
     b = resolve(backend, inputs[0].device, inputs[0].dtype)
     if b != "cpu":
         _check_idx_values(op, idx, (inputs[0].shape[0], -(-image_size[0] // stride), -(-image_size[1] // stride)))
     return run_crop(b, inputs, idx, stride, padding, image_size, patch_size)
+
+
+def crop_into(inputs: Sequence[torch.Tensor], idx: torch.Tensor, stride: int, padding: int,
+              image_size: Sequence[int], channel_offset: int, out: torch.Tensor, *,
+              backend: str = "auto") -> None:
+    """crop, written into channels [channel_offset, channel_offset + sum C_i)
+    of ``out``, a channels-last contiguous (P, C_out, ph, pw) tensor of the
+    inputs' dtype and device (the patch size is out's); out's other channels
+    are left as they are. Not differentiable (it writes in place)."""
+    op = "crop_into"
+    _check_tensor(op, "out", out, 4, "(P, C, ph, pw)")
+    inputs, image_size, _ = _check_crop(op, inputs, idx, stride, padding, image_size, tuple(out.shape[2:]))
+    _check_like(op, "out", out, "inputs[0]", inputs[0])
+    _check_int(op, "channel_offset", channel_offset, 0)
+    channels = sum(t.shape[1] for t in inputs)
+    if out.shape[0] != idx.shape[0]:
+        raise ValueError(f"{op}: out has {out.shape[0]} patches but idx has {idx.shape[0]} rows")
+    if channel_offset + channels > out.shape[1]:
+        raise ValueError(f"{op}: channel_offset ({channel_offset}) plus the inputs' {channels} channels must fit "
+                         f"in out's {out.shape[1]} channels")
+    if not out.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"{op}: out must be channels-last contiguous, got strides {tuple(out.stride())}")
+    b = resolve(backend, inputs[0].device, inputs[0].dtype)
+    if b != "cpu":
+        _check_idx_values(op, idx, (inputs[0].shape[0], -(-image_size[0] // stride), -(-image_size[1] // stride)))
+    run_crop_into(b, inputs, idx, stride, padding, image_size, channel_offset, out)
 
 
 def _check_patches(op, patches, channels, name_of_x, x):
@@ -243,6 +276,15 @@ def run_crop(backend: str, inputs, idx, stride: int, padding: int, image_size, p
     if backend == "reference":
         return reference.crop(inputs, idx, stride, padding, tuple(image_size), tuple(patch_size))
     return _compiled(backend).crop(list(inputs), idx, stride, padding, list(image_size), list(patch_size))
+
+
+def run_crop_into(backend: str, inputs, idx, stride: int, padding: int, image_size, channel_offset: int, out):
+    """run_crop writing into channels [channel_offset, ...) of the channels-last
+    out (P, C_out, ph, pw) instead of a new tensor."""
+    if backend == "reference":
+        reference.crop_into(inputs, idx, stride, padding, tuple(image_size), channel_offset, out)
+    else:
+        _compiled(backend).crop_into(list(inputs), idx, stride, padding, list(image_size), channel_offset, out)
 
 
 def run_replace(backend: str, x, patches, idx, valid):

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["select_sampling", "select_thresholding", "crop", "replace", "compose", "refine"]
+__all__ = ["select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose", "refine"]
 
 
 def _bilinear(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -64,6 +64,15 @@ def crop(inputs: Sequence[torch.Tensor], idx: torch.Tensor, stride: int, padding
     patches = image[b[:, None, None], :, ys.clamp(0, H - 1)[:, :, None], xs.clamp(0, W - 1)[:, None, :]]
     patches = torch.where(inside[..., None], patches, torch.zeros((), dtype=image.dtype, device=image.device))
     return patches.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
+def crop_into(inputs: Sequence[torch.Tensor], idx: torch.Tensor, stride: int, padding: int,
+              image_size: Sequence[int], channel_offset: int, out: torch.Tensor) -> None:
+    """crop's patches written into channels [channel_offset, channel_offset +
+    sum C_i) of out (P, C_out, ph, pw); the other channels are left as they
+    are."""
+    patches = crop(inputs, idx, stride, padding, image_size, tuple(out.shape[2:]))
+    out[:, channel_offset:channel_offset + patches.shape[1]] = patches
 
 
 def cell_owner(idx: torch.Tensor, valid: Optional[torch.Tensor], batch: int, cells_h: int,

@@ -97,6 +97,20 @@ def _crop(backend: str, inputs: List[Tensor], idx: Tensor, stride: int, padding:
     return _py_crop(backend, inputs, idx, stride, padding, image_size, patch_size)
 
 
+@torch.jit.unused
+def _py_crop_into(backend: str, inputs: List[Tensor], idx: Tensor, stride: int, padding: int,
+                  image_size: List[int], channel_offset: int, out: Tensor) -> None:
+    ops.run_crop_into(backend, inputs, idx, stride, padding, image_size, channel_offset, out)
+
+
+def _crop_into(backend: str, inputs: List[Tensor], idx: Tensor, stride: int, padding: int, image_size: List[int],
+               channel_offset: int, out: Tensor) -> None:
+    if torch.jit.is_scripting():
+        torch.ops.pymatting_ext.crop_into(inputs, idx, stride, padding, image_size, channel_offset, out)
+    else:
+        _py_crop_into(backend, inputs, idx, stride, padding, image_size, channel_offset, out)
+
+
 def _compose(backend: str, coarse: Tensor, patches: Tensor, idx: Tensor, valid: Optional[Tensor],
              size: List[int], src: Optional[Tensor]) -> Tensor:
     if torch.jit.is_scripting():
@@ -204,9 +218,59 @@ class Refiner(nn.Module):
 
     # -- layers ---------------------------------------------------------------
 
+    # NB: not state: never saved, scripted or compared.
+    __jit_ignored_attributes__ = ["_fold_cache"]
+
     def _folded(self) -> List[Tensor]:
         """[w1, b1, ..., w4, b4]: the four convolutions with BatchNorm folded in
-        (eval mode)."""
+        (eval mode). Eager inference reuses the last fold while no parameter
+        or buffer has changed (see _cached_fold)."""
+        if not torch.jit.is_scripting():
+            cached = self._cached_fold()
+            if cached is not None:
+                return cached
+        return self._fold_now()
+
+    @torch.jit.unused
+    def _fold_sources(self) -> List[Tensor]:
+        return [t for t in (self.conv1.weight, self.conv1.bias, self.bn1.running_mean, self.bn1.running_var,
+                            self.bn1.weight, self.bn1.bias, self.conv2.weight, self.conv2.bias,
+                            self.bn2.running_mean, self.bn2.running_var, self.bn2.weight, self.bn2.bias,
+                            self.conv3.weight, self.conv3.bias, self.bn3.running_mean, self.bn3.running_var,
+                            self.bn3.weight, self.bn3.bias, self.conv4.weight, self.conv4.bias)
+                if t is not None]
+
+    @torch.jit.unused
+    def _cached_fold(self) -> Optional[List[Tensor]]:
+        """The folded weights, computed once and reused while every source
+        tensor is the same (storage, in-place version, dtype, device) and the
+        eps are too; None where no cache applies: while torch.compile traces
+        (it folds the constants itself), or where autograd must see the fold
+        (grad enabled and a parameter requires grad).
+
+        NB: refolding costs ~49 small launches per forward on a GPU, more
+        than all the refiner's other launches together."""
+        if torch.compiler.is_compiling():
+            return None
+        sources = self._fold_sources()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return None
+        try:
+            key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in sources)
+        except RuntimeError:  # inference tensors carry no version counter
+            return None
+        key = key + ((self.bn1.eps, self.bn2.eps, self.bn3.eps),)
+        cache = self.__dict__.get("_fold_cache")
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        # Plain tensors (not inference tensors, no autograd history), so the
+        # cache serves inference_mode, no_grad and input-gradient calls alike.
+        with torch.inference_mode(False), torch.no_grad():
+            folded = self._fold_now()
+        self.__dict__["_fold_cache"] = (key, folded)
+        return folded
+
+    def _fold_now(self) -> List[Tensor]:
         w1, b1 = _fold(self.conv1.weight, self.conv1.bias, self.bn1.running_mean, self.bn1.running_var,
                        self.bn1.weight, self.bn1.bias, self.bn1.eps)
         w2, b2 = _fold(self.conv2.weight, self.conv2.bias, self.bn2.running_mean, self.bn2.running_var,
@@ -258,9 +322,33 @@ class Refiner(nn.Module):
         k3 = self.kernel_size == 3
         p, q = (3, 2) if k3 else (0, 0)
         x = _crop(backend, [hid, pha, fgr, src, bgr], idx, 2, p, [H // 2, W // 2], [2 + 2 * p, 2 + 2 * p])
-        x = F.interpolate(self._stage1(x, folded), size=8 if k3 else 4, mode="nearest")
+        x = self._stage1(x, folded)
+        side = 8 if k3 else 4
+        if self._in_place_ok(folded, x, src, bgr):
+            # conv3's input assembled in one buffer: the full-resolution crop
+            # written into its last channels, the upsampled stage-1 output
+            # into the first, instead of an upsample, a crop and a cat that
+            # write and reread it all twice (~0.4 GB at 4K).
+            c1 = x.shape[1]
+            z = torch.empty([idx.shape[0], c1 + 6, side, side], dtype=x.dtype, device=x.device,
+                            memory_format=torch.channels_last)
+            _crop_into(backend, [src, bgr], idx, 4, q, [H, W], c1, z)
+            r = side // x.shape[2]
+            # NB: nearest upsample by an integer factor = each value repeated.
+            z[:, :c1].view(z.shape[0], c1, x.shape[2], r, x.shape[3], r).copy_(
+                x[:, :, :, None, :, None].expand(-1, -1, -1, r, -1, r))
+            return self._stage2(z, folded)
+        x = F.interpolate(x, size=side, mode="nearest")
         y = _crop(backend, [src, bgr], idx, 4, q, [H, W], [4 + 2 * q, 4 + 2 * q])
         return self._stage2(torch.cat([x, y.to(x.dtype)], 1), folded)
+
+    def _in_place_ok(self, folded: List[Tensor], x: Tensor, src: Tensor, bgr: Tensor) -> bool:
+        """Whether _patches may assemble conv3's input in place: eval mode,
+        the stage-1 output in the inputs' dtype (under autocast it may not
+        be), and no autograd through the in-place writes."""
+        if len(folded) == 0 or x.dtype != src.dtype:
+            return False
+        return not torch.is_grad_enabled() or not (x.requires_grad or src.requires_grad or bgr.requires_grad)
 
     def _run(self, src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, err: Tensor, hid: Tensor,
              epilogue: bool) -> Tuple[Tensor, Tensor, Tensor]:

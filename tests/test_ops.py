@@ -165,6 +165,49 @@ def test_crop_matches_reference(device, backend, dtype, layout, B, stride, paddi
     assert torch.equal(got.cpu()[:, 9:], want[:, 9:])
 
 
+@pytest.mark.parametrize("device,backend", BACKEND_CASES + [pytest.param("cpu", "reference", id="cpu-reference")])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+@pytest.mark.parametrize("stride,padding,offset,extra", [(2, 3, 0, 0), (4, 2, 5, 3), (2, 1, 2, 0)])
+def test_crop_into_writes_its_channels_only(device, backend, dtype, layout, stride, padding, offset, extra):
+    skip_unsupported(backend, dtype)
+    inputs, idx, size = crop_case(2, device, dtype, layout, stride)
+    ph = pw = stride + 2 * padding
+    out = torch.full((idx.shape[0], offset + 11 + extra, ph, pw), float("nan"), dtype=dtype, device=device)
+    out = out.contiguous(memory_format=torch.channels_last)
+    assert pm.crop_into(inputs, idx, stride, padding, size, offset, out, backend=backend) is None
+    want = reference.crop(cpu(*inputs), idx.cpu(), stride, padding, size)
+    assert_close(out[:, offset:offset + 11].cpu(), want, ATOL[dtype], msg="crop_into")
+    # The other channels are untouched (still NaN), and crop gives the same.
+    assert bool(out[:, :offset].isnan().all()) and bool(out[:, offset + 11:].isnan().all())
+    same = pm.crop(inputs, idx, stride, padding, size, backend=backend)
+    assert torch.equal(out[:, offset:offset + 11], same)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_crop_into_rejects_bad_out(device, backend):
+    x = torch.rand(2, 3, 10, 14, device=device)
+    idx = torch.tensor([[0, 1, 1], [1, 2, 3]], device=device)
+
+    def run(out, offset=0):
+        pm.crop_into([x], idx, 2, 3, (20, 28), offset, out, backend=backend)
+
+    good = torch.empty(2, 5, 8, 8, device=device).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="crop_into: out has 3 patches but idx has 2 rows"):
+        run(torch.empty(3, 5, 8, 8, device=device).contiguous(memory_format=torch.channels_last))
+    with pytest.raises(ValueError, match=r"channel_offset \(3\) plus the inputs' 3 channels"):
+        run(good, 3)
+    with pytest.raises(ValueError, match="channel_offset must be"):
+        run(good, -1)
+    with pytest.raises(ValueError, match="out must be channels-last contiguous"):
+        run(torch.empty(2, 5, 8, 8, device=device))
+    with pytest.raises(ValueError, match="out has dtype torch.float64"):
+        run(good.double())
+    with pytest.raises(ValueError, match="out must"):
+        run(torch.empty(2, 5, 8, device=device))
+    run(good, 2)  # fits
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reference_crop_matches_independent_construction(dtype):
     for stride, padding, patch in [(2, 3, (8, 8)), (4, 2, (8, 8)), (2, 1, (5, 9))]:

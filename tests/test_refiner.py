@@ -282,13 +282,16 @@ def test_sampling_eval_shapes_depend_on_k_only(monkeypatch):
     err = torch.zeros(1, 1, 16, 24)
     err[0, 0, 0, :5] = 1.0
     counts = []
-    real = pm.ops.run_crop
 
-    def spy(backend, inputs, idx, *args):
-        counts.append(idx.shape[0])
-        return real(backend, inputs, idx, *args)
+    def spy(real):
+        def run(backend, inputs, idx, *args):
+            counts.append(idx.shape[0])
+            return real(backend, inputs, idx, *args)
+        return run
 
-    monkeypatch.setattr(pm.ops, "run_crop", spy)
+    # Eval inference assembles conv3's input with crop_into.
+    monkeypatch.setattr(pm.ops, "run_crop", spy(pm.ops.run_crop))
+    monkeypatch.setattr(pm.ops, "run_crop_into", spy(pm.ops.run_crop_into))
     called = []
     handle = ours.bn1.register_forward_hook(lambda *a: called.append(1))
     try:
@@ -317,3 +320,67 @@ def test_sampling_eval_on_cuda_never_synchronises(prevent):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     check_outputs(want, got)
+
+
+# -- the cached BatchNorm fold --------------------------------------------------
+
+def test_eval_fold_is_cached_until_a_parameter_or_buffer_changes(monkeypatch):
+    up, ours = pair("sampling", sample_pixels=16 * 40, prevent=False)
+    up.eval(), ours.eval()
+    folds = []
+    real = pm.Refiner._fold_now
+    monkeypatch.setattr(pm.Refiner, "_fold_now", lambda self: folds.append(1) or real(self))
+    x = inputs(2, 64, 96, 0.25)
+    with torch.no_grad():
+        first = ours(*x)
+        again = ours(*x)
+    with torch.inference_mode():
+        inferred = ours(*x)
+    assert len(folds) == 1
+    for a, b, c in zip(first, again, inferred):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+    # Each kind of change refolds, and the results follow upstream's.
+    def changed(step):
+        before = len(folds)
+        step()
+        with torch.no_grad():
+            out = ours(*x)
+            check_outputs(up(*x), out)
+        assert len(folds) == before + 1, step
+        with torch.no_grad():
+            ours(*x)
+        assert len(folds) == before + 1, step
+
+    with torch.no_grad():
+        changed(lambda: (up.bn2.running_var.mul_(2), ours.bn2.running_var.mul_(2)))  # a buffer, in place
+        changed(lambda: (up.conv3.weight.add_(0.01), ours.conv3.weight.add_(0.01)))  # a parameter, in place
+        changed(lambda: (up.conv4.bias.sub_(0.1), ours.conv4.bias.sub_(0.1)))
+    state = random_bn_(Upstream("sampling", 16 * 40, 0.4, 3, False)).state_dict()
+    changed(lambda: (up.load_state_dict(state), ours.load_state_dict(state)))
+    changed(lambda: (setattr(up.bn1, "eps", 1e-3), setattr(ours.bn1, "eps", 1e-3)))
+    x = tuple(t.double() for t in x)
+    changed(lambda: (up.double(), ours.double()))
+
+
+def test_eval_fold_keeps_autograd_where_it_is_needed(monkeypatch):
+    # With grad enabled and parameters requiring grad the fold is recomputed
+    # under autograd, so parameter gradients reach the convolutions; with the
+    # parameters frozen the cached fold (made under inference_mode) serves
+    # input gradients.
+    up, ours = pair("sampling", sample_pixels=16 * 40, prevent=False)
+    up.eval(), ours.eval()
+    x = inputs(1, 64, 96, 0.25)
+    with torch.inference_mode():
+        ours(*x)
+    for model in (up, ours):
+        model(*x)[0].sum().backward()
+    assert torch.allclose(up.conv1.weight.grad, ours.conv1.weight.grad, atol=1e-5)
+    for model in (up, ours):
+        model.requires_grad_(False)
+    grads = []
+    for model in (up, ours):
+        src = x[0].clone().requires_grad_(True)
+        model(src, *x[1:])[1].sum().backward()
+        grads.append(src.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)

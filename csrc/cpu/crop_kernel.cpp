@@ -33,14 +33,15 @@ struct CropSource {
   std::vector<LinearTap<at::opmath_type<scalar_t>>> rows, cols;
 };
 
-at::Tensor crop_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride,
-                    int64_t padding, at::IntArrayRef image_size, at::IntArrayRef patch_size) {
-  const char* op = "crop";
-  check_crop_args(op, inputs, idx, stride, padding, image_size, patch_size, at::kCPU);
+// Writes the patches into channels [c_offset, c_offset + sum C_i) of out, a
+// channels-last contiguous (P, C_out, PH, PW) tensor; the arguments are
+// checked by the caller.
+void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx, int64_t stride,
+                    int64_t padding, at::IntArrayRef image_size, int64_t c_offset,
+                    const at::Tensor& out) {
   const at::Tensor& first = inputs[0];
-
   const int64_t B = first.size(0), H = image_size[0], W = image_size[1];
-  const int64_t PH = patch_size[0], PW = patch_size[1];
+  const int64_t PH = out.size(2), PW = out.size(3), C_out = out.size(1);
   const at::Tensor idx_c = idx.contiguous();
   // A patch is anchored at a cell of the stride grid over the image.
   check_idx_values(op, idx_c, B, (H + stride - 1) / stride, (W + stride - 1) / stride);
@@ -49,11 +50,8 @@ at::Tensor crop_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride
   for (const auto& t : inputs) {
     C += t.size(1);
   }
-  // NB: channels-last, because that is the layout in which oneDNN runs the
-  // refiner's small convolutions fastest (5x faster than NCHW at HD).
-  at::Tensor out = at::empty({P, C, PH, PW}, first.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (P == 0 || C == 0) {
-    return out;
+    return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "crop_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -95,7 +93,7 @@ at::Tensor crop_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride
         const int64_t b = idx_p[3 * p];
         const int64_t oy = patch_origin(idx_p[3 * p + 1], stride, padding);
         const int64_t ox = patch_origin(idx_p[3 * p + 2], stride, padding);
-        scalar_t* o = out_all + p * PH * PW * C;
+        scalar_t* o = out_all + p * PH * PW * C_out + c_offset;
         // The part of the strip inside the image; everything else is zero.
         const int64_t y_lo = std::max(oy + py0, int64_t(0)), y_hi = std::min(oy + py1, H);
         const int64_t x_lo = std::max(ox, int64_t(0)), x_hi = std::min(ox + PW, W);
@@ -104,7 +102,7 @@ at::Tensor crop_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride
           for (int64_t px = 0; px < PW; ++px) {
             const int64_t x = ox + px;
             if (y < y_lo || y >= y_hi || x < x_lo || x >= x_hi) {
-              std::fill_n(o + (py * PW + px) * C, C, scalar_t(0));
+              std::fill_n(o + (py * PW + px) * C_out, C, scalar_t(0));
             }
           }
         }
@@ -116,12 +114,12 @@ at::Tensor crop_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride
           const int64_t SC = static_cast<int64_t>(s.planes.size());
           if (!s.resample) {
             for (int64_t y = y_lo; y < y_hi; ++y) {
-              scalar_t* orow = o + ((y - oy) * PW - ox) * C + c_base;
+              scalar_t* orow = o + ((y - oy) * PW - ox) * C_out + c_base;
               for (int64_t c = 0; c < SC; ++c) {
                 const auto& pl = s.planes[c];
                 const scalar_t* irow = pl.data + b * pl.stride_b + y * pl.stride_h;
                 for (int64_t x = x_lo; x < x_hi; ++x) {
-                  orow[x * C + c] = irow[x * pl.stride_w];
+                  orow[x * C_out + c] = irow[x * pl.stride_w];
                 }
               }
             }
@@ -151,7 +149,7 @@ at::Tensor crop_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride
             const opmath_t* l0 = local.data() + (ty.i0 - r_lo) * nq * SC;
             const opmath_t* l1 = local.data() + (ty.i1 - r_lo) * nq * SC;
             const opmath_t wy0 = ty.w0, wy1 = ty.w1;
-            scalar_t* orow = o + ((y - oy) * PW - ox) * C + c_base;
+            scalar_t* orow = o + ((y - oy) * PW - ox) * C_out + c_base;
             for (int64_t x = x_lo; x < x_hi; ++x) {
               const auto& tx = s.cols[x];
               const opmath_t* a0 = l0 + (tx.i0 - q_lo) * SC;
@@ -159,7 +157,7 @@ at::Tensor crop_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride
               const opmath_t* b0 = l1 + (tx.i0 - q_lo) * SC;
               const opmath_t* b1 = l1 + (tx.i1 - q_lo) * SC;
               const opmath_t wx0 = tx.w0, wx1 = tx.w1;
-              scalar_t* oc = orow + x * C;
+              scalar_t* oc = orow + x * C_out;
               for (int64_t c = 0; c < SC; ++c) {
                 oc[c] = static_cast<scalar_t>(linear_mix<opmath_t>(a0[c], a1[c], b0[c], b1[c], wy0, wy1, wx0, wx1));
               }
@@ -170,13 +168,42 @@ at::Tensor crop_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride
       }
     });
   });
+}
+
+at::Tensor crop_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride,
+                    int64_t padding, at::IntArrayRef image_size, at::IntArrayRef patch_size) {
+  const char* op = "crop";
+  check_crop_args(op, inputs, idx, stride, padding, image_size, patch_size, at::kCPU);
+  int64_t C = 0;
+  for (const auto& t : inputs) {
+    C += t.size(1);
+  }
+  // NB: channels-last, because that is the layout in which oneDNN runs the
+  // refiner's small convolutions fastest (5x faster than NCHW at HD).
+  at::Tensor out = at::empty({idx.size(0), C, patch_size[0], patch_size[1]},
+                             inputs[0].options().memory_format(at::MemoryFormat::ChannelsLast));
+  crop_into_impl(op, inputs, idx, stride, padding, image_size, 0, out);
   return out;
+}
+
+void crop_into_cpu(at::TensorList inputs, const at::Tensor& idx, int64_t stride, int64_t padding,
+                   at::IntArrayRef image_size, int64_t channel_offset, const at::Tensor& out) {
+  const char* op = "crop_into";
+  TORCH_CHECK(out.dim() == 4, op, ": out must have shape (P, C, ph, pw), got ", out.sizes());
+  check_crop_args(op, inputs, idx, stride, padding, image_size, {out.size(2), out.size(3)}, at::kCPU);
+  int64_t C = 0;
+  for (const auto& t : inputs) {
+    C += t.size(1);
+  }
+  check_crop_into_out(op, out, inputs[0], idx, C, channel_offset);
+  crop_into_impl(op, inputs, idx, stride, padding, image_size, channel_offset, out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pymatting_ext, CPU, m) {
   m.impl("crop", &crop_cpu);
+  m.impl("crop_into", &crop_into_cpu);
 }
 
 }  // namespace cpu
