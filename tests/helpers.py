@@ -72,16 +72,17 @@ def assert_close(actual, expected, atol, rtol=0.0, msg=""):
     assert not bool(bad.any()), f"{msg}: max abs diff {diff[~torch.isnan(diff)].max().item():.3g} > atol {atol}"
 
 
-def check_refiner_in_a_cuda_graph(backend, prevent):
+def check_refiner_in_a_cuda_graph(backend, prevent, size=(2, 256, 384, 64, 96), sample_pixels=5000):
     """The eval sampling Refiner on `backend`, captured once in a CUDA graph
     and replayed on new inputs copied into the captured ones, equals eager
     runs on those inputs (and the reference implementation): nothing in it
-    synchronises with the host or depends on the data's shapes."""
+    synchronises with the host or depends on the data's shapes. size is
+    (B, H, W, Hc, Wc)."""
     import pymatting_ext as pm
     from pymatting_ext import reference
 
-    B, H, W, Hc, Wc = 2, 256, 384, 64, 96
-    model = random_bn_(pm.Refiner("sampling", 5000, 0.1, prevent_oversampling=prevent, backend=backend))
+    B, H, W, Hc, Wc = size
+    model = random_bn_(pm.Refiner("sampling", sample_pixels, 0.1, prevent_oversampling=prevent, backend=backend))
     model = model.cuda().eval()
     static = [t.clone() for t in refiner_inputs(B, H, W, Hc, Wc, device="cuda")]
     with torch.inference_mode():
