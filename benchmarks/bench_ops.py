@@ -1,6 +1,7 @@
 """Each op against upstream's way of doing the same step, on the same inputs.
 
-    python bench_ops.py [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--repeat N] [--quick]
+    python bench_ops.py [--device cpu|cuda] [--dtype float32|float16|bfloat16 ...] [--settings HD 4K]
+                        [--repeat N] [--quick] [--out DIR]
 
 At the HD and 4K settings of bench_refiner.py (k = P = sample_pixels // 16
 patches, idx from select_sampling on a random err), these providers per step,
@@ -54,14 +55,27 @@ GB/s = bytes / median time; "of copy" compares a provider's GB/s with the
 device's copy bandwidth (a 512 MiB tensor .copy_'d into another: read + write
 bytes / time).
 
+On CUDA, every provider's call is also captured once in a CUDA graph
+(common.capture_graph) and graph.replay() timed the same way ("graph"
+columns: ms, speed-up = upstream's eager median / the replay's, GB/s and of
+copy for the same bytes): the replay drops the host's launch overheads,
+which at these sizes (tens of microseconds) are much of an eager call.
+Upstream's select cannot be captured (nonzero synchronises with the host);
+a capture that fails for another reason is recorded, not fatal. On the CPU
+there are no graph columns.
+
 A last table times writing a B x 4 x H x W tensor once, freshly allocated
 (torch.empty_like(x).fill_(0)) and existing (fill_ of a tensor kept across
 calls), with the minor page faults per call: on the CPU a fresh tensor
 beyond glibc malloc's mmap threshold (at most 32 MiB) comes as new pages from
 the OS at every call, and their page faults then cost compose, replace and
 upstream's interpolate alike, whatever the kernel.
+
+Prints the tables and writes <out>/ops_<dtype>.{json,txt} (--out, default
+results/<device>/), and a verdict over the folder (verdict.py).
 """
 import argparse
+import time
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +84,9 @@ import pymatting_ext as pm
 from pymatting_ext import ops
 from pymatting_ext._backend import compiled_backends
 
-from common import (SETTINGS, Contention, Printer, device_info, header, make_inputs,
-                    minor_faults, parse_common, timeit, write_results)
+import verdict
+from common import (SETTINGS, Contention, Printer, device_info, header, is_cuda, make_inputs,
+                    minor_faults, parse_common, results_folder, timeit, try_capture, write_results)
 
 
 # -- upstream's way of each step (plain torch, in the order upstream runs it) --
@@ -140,12 +155,28 @@ def copy_bandwidth(device, dtype):
     return 2 * a.numel() * a.element_size() / t / 1e6
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    args, dev, dtype, repeat, warmup = parse_common(parser, cpu_repeat=7, cuda_repeat=20)
+#: Providers of a step that cannot be captured in a CUDA graph, and why.
+NOT_CAPTURABLE = {("select", "upstream"): "nonzero synchronises with the host"}
+
+
+def graph_timing(fn, dev, warmup, repeat):
+    """fn captured in a CUDA graph and graph.replay() timed, or {"error": why}."""
+    graph, _, why = try_capture(fn, dev)
+    if graph is None:
+        return {"error": why}
+    t = timeit(graph.replay, dev, warmup=warmup, repeat=repeat)
+    del graph
+    return t
+
+
+def run(args, dev, dtype_name, repeat, warmup):
+    """One dtype: the tables, the result files; returns the JSON's path."""
+    dtype = getattr(torch, dtype_name)
+    cuda = is_cuda(dev)
+    t0 = time.monotonic()
     info = device_info(dev)
     out = Printer()
-    out(header(info, args.dtype, repeat, warmup))
+    out(header(info, dtype_name, repeat, warmup))
     contention = Contention()
     copy_gbs = copy_bandwidth(dev, dtype)
     out(f"copy bandwidth: {copy_gbs:.1f} GB/s")
@@ -155,7 +186,8 @@ def main():
 
     rows, frows, results = [], [], {}
     with torch.no_grad():
-        for name, s in SETTINGS.items():
+        for name in args.settings:
+            s = SETTINGS[name]
             src, bgr, pha, fgr, err, hid = make_inputs(s, dev, dtype)
             B, H, W = src.shape[0], s["H"], s["W"]
             Hc, Wc = pha.shape[2:]
@@ -232,34 +264,78 @@ def main():
                     t[p]["page_faults_per_call"] = (None if before is None
                                                     else (minor_faults() - before) / (warmup + repeat))
                 up = t["upstream"]["median_ms"]
-                gbs = {p: nbytes / t[p]["median_ms"] / 1e6 for p in providers} if nbytes else None
-                if step == "replace" and gbs:
-                    # In place, upstream's has less to move: the byte count is not its.
-                    gbs["upstream"] = None
+                # In place, upstream's replace has less to move: the byte count is not its.
+                moves = lambda p: nbytes and not (step == "replace" and p == "upstream")
+                gbs = {p: nbytes / t[p]["median_ms"] / 1e6 if moves(p) else None for p in providers} \
+                    if nbytes else None
+                graph = None
+                if cuda:
+                    graph = {}
+                    for p, fn in fns.items():
+                        why = NOT_CAPTURABLE.get((step, p))
+                        g = {"error": why} if why else graph_timing(fn, dev, warmup, repeat)
+                        if "error" not in g:
+                            g["speedup_vs_upstream_eager"] = up / g["median_ms"]
+                            g["GBps"] = nbytes / g["median_ms"] / 1e6 if moves(p) else None
+                        graph[p] = g
                 fmt = lambda v: "" if v is None else f"{v:.1f}"
                 for p in providers:
                     faults = t[p]["page_faults_per_call"]
                     speedup = up / t[p]["median_ms"]
-                    rows.append([name, step, p, f"{t[p]['median_ms']:.3f}", "" if p == "upstream" else f"{speedup:.2f}x",
-                                 "" if faults is None else f"{faults:.0f}"]
-                                + (["", "", ""] if gbs is None or gbs[p] is None else
-                                   [f"{nbytes / 1e6:.1f}", fmt(gbs[p]), f"{100 * gbs[p] / copy_gbs:.0f}%"]))
+                    row = [name, step, p, f"{t[p]['median_ms']:.3f}", "" if p == "upstream" else f"{speedup:.2f}x",
+                           "" if faults is None else f"{faults:.0f}", f"{nbytes / 1e6:.1f}" if nbytes else ""]
+                    row += (["", ""] if gbs is None or gbs[p] is None else
+                            [fmt(gbs[p]), f"{100 * gbs[p] / copy_gbs:.0f}%"])
+                    if cuda:
+                        g = graph[p]
+                        if "error" in g:
+                            row += ["not capturable" if (step, p) in NOT_CAPTURABLE else "capture failed",
+                                    "", "", ""]
+                        else:
+                            row += [f"{g['median_ms']:.3f}", f"{g['speedup_vs_upstream_eager']:.2f}x"]
+                            row += (["", ""] if g["GBps"] is None else
+                                    [fmt(g["GBps"]), f"{100 * g['GBps'] / copy_gbs:.0f}%"])
+                    rows.append(row)
                     t[p]["speedup_vs_upstream"] = speedup
                 results[name][step] = {"timings": t, "bytes": nbytes, "GBps": gbs}
+                if cuda:
+                    results[name][step]["graph"] = graph
             del src, bgr, pha, fgr, err, hid, x, patches, steps, cat_coarse
+            if cuda:
+                torch.cuda.empty_cache()
 
-    out.table(f"Ops vs upstream's way (median ms; 'auto' picks {pm._backend.resolve('auto', dev, dtype)} here)",
-              ["setting", "op", "provider", "median ms", "speed-up", "faults", "MB moved", "GB/s", "of copy"], rows)
+    title = f"Ops vs upstream's way (median ms; 'auto' picks {pm._backend.resolve('auto', dev, dtype)} here)"
+    columns = ["setting", "op", "provider", "median ms", "speed-up", "faults", "MB moved", "GB/s", "of copy"]
+    if cuda:
+        title += ("\ngraph: one call captured in a CUDA graph, graph.replay() timed; graph speed-up = upstream's "
+                  "eager median / the replay's")
+        columns += ["graph ms", "graph speed-up", "graph GB/s", "graph of copy"]
+    out.table(title, columns, rows)
     out.table("Writing a full-resolution output (median ms): torch.empty_like(x).fill_(0) vs x.fill_(0)",
               ["setting", "shape", "MB", "new tensor ms", "page faults / call", "existing tensor ms"], frows)
     line, info["other_processes_cpu_share"] = contention.report()
     if line:
         out(line)
-    settings = {"dtype": args.dtype, "repeat": repeat, "warmup": warmup, "settings": SETTINGS,
+    info["elapsed_s"] = round(time.monotonic() - t0, 1)
+    settings = {"dtype": dtype_name, "repeat": repeat, "warmup": warmup,
+                "settings": {name: SETTINGS[name] for name in args.settings}, "tf32": info["tf32"],
                 "bytes": "minimum bytes: output + distinct input elements read + idx (see bench_ops.py's docstring)"}
-    path = write_results(f"ops_{args.dtype}", {"info": info, "settings": settings, "copy_GBps": copy_gbs,
-                                               "results": results}, out.text())
-    print(f"\nwrote {path}")
+    if cuda:
+        settings["graph"] = ("one call of each provider captured in a CUDA graph (warm-up on a side stream); "
+                             "graph.replay() timed with CUDA events; speedup_vs_upstream_eager = upstream's "
+                             "eager median / replay median")
+    path = write_results(f"ops_{dtype_name}", {"info": info, "settings": settings, "copy_GBps": copy_gbs,
+                                               "results": results}, out.text(), args.out)
+    print(f"\nwrote {path} ({info['elapsed_s']:.0f} s)")
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args, dev, dtypes, repeat, warmup = parse_common(parser, cpu_repeat=7, cuda_repeat=20)
+    for dtype_name in dtypes:
+        run(args, dev, dtype_name, repeat, warmup)
+    verdict.summarize(results_folder(device_info(dev), args.out))
 
 
 if __name__ == "__main__":

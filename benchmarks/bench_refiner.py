@@ -1,6 +1,8 @@
 """Upstream's Refiner against ours, side by side in one process.
 
-    python bench_refiner.py [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--repeat N] [--quick]
+    python bench_refiner.py [--device cpu|cuda] [--dtype float32|float16|bfloat16 ...]
+                            [--err random|boundary|both] [--settings HD 4K] [--repeat N] [--quick]
+                            [--out DIR]
 
 Eval mode, torch.no_grad(), mode='sampling', kernel_size=3,
 prevent_oversampling=False (upstream's speed-test setting), batch 1, random
@@ -17,14 +19,30 @@ pure-PyTorch ops). Each is timed in its steady state, one after the other
 full-resolution tensors beyond malloc's mmap threshold come as new pages at
 every call).
 
+On CUDA, each of our compiled backends' Refiner is also captured once per
+setting in a CUDA graph (static inputs; warm-up on a side stream, see
+common.capture_graph) and graph.replay() is timed the same way; before
+timing, the replayed outputs are compared with an eager call on the same
+inputs. Upstream's Refiner cannot be captured (its nonzero synchronises
+with the host): its eager time is the baseline of the graph speed-up. fp32
+timings keep PyTorch's TF32 defaults (cuDNN convolutions in TF32), which
+are recorded.
+
+Error maps (--err): 'random' is uniform err; 'boundary' is err concentrated
+in a band along the edge of a smooth random blob, small noise elsewhere
+(common.boundary_err), as trained models produce: the selected cells form a
+strip, not a scatter. Default: both on CUDA, random on the CPU. The other
+inputs are the same for both.
+
 Then where ours (with the backend 'auto' picks) spends its time: one forward
 pass re-enacted step by step with a stopwatch between the steps (see
-breakdown), so that the steps add up to the whole refiner. Prints both
-tables and writes
-results/<device>/refiner_<dtype>.{json,txt}.
+breakdown), so that the steps add up to the whole refiner. Prints the
+tables and writes <out>/refiner_<dtype>.{json,txt} (--out, default
+results/<device>/), and a verdict over the folder (verdict.py).
 """
 import argparse
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +52,10 @@ import pymatting_ext
 from pymatting_ext import ops
 from pymatting_ext._backend import compiled_backends, resolve
 
-from common import (SETTINGS, Contention, Laps, Printer, device_info, header, make_inputs,
-                    minor_faults, parse_common, random_bn_, timeit, write_results)
+import verdict
+from common import (ERR_KINDS, SETTINGS, Contention, Laps, Printer, device_info, header, is_cuda, make_inputs,
+                    minor_faults, parse_common, random_bn_, results_folder, selected_neighbours, timeit,
+                    try_capture, write_results)
 
 STEPS = ("select", "crop", "convolutions", "compose")
 STEP_LABELS = {
@@ -138,71 +158,174 @@ def breakdown(refiner, x, device, warmup, repeat):
     return median, total, P
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    args, device, dtype, repeat, warmup = parse_common(parser, cpu_repeat=7, cuda_repeat=20)
+def compare_outputs(captured, eager, dtype):
+    """('equal' | 'close' | 'differs', max |diff| of pha and fgr) of a graph
+    replay's outputs against an eager call's on the same inputs. The same
+    kernels run in both, so 'equal' (bit for bit, ref too) is expected;
+    'close' allows 1e-3 (float32) or 1e-2 (half) of the outputs' magnitude
+    and an identical ref."""
+    diff = max(float((c.double() - e.double()).abs().max()) for c, e in zip(captured[:2], eager[:2]))
+    ref_equal = torch.equal(captured[2], eager[2])
+    if ref_equal and diff == 0 and all(torch.equal(c, e) for c, e in zip(captured[:2], eager[:2])):
+        return "equal", diff
+    scale = max(1.0, max(float(e.double().abs().max()) for e in eager[:2]))
+    tol = (1e-3 if dtype == torch.float32 else 1e-2) * scale
+    return ("close" if ref_equal and diff <= tol else "differs"), diff
+
+
+def graph_timings(providers, graphs, x, outputs, base, device, dtype, warmup, repeat):
+    """{label: replay timing} for our compiled backends on CUDA: each
+    Refiner captured once per setting (in graphs, reused for every err
+    kind), its static inputs overwritten with x, replayed, compared with the
+    eager outputs on x, then graph.replay() timed. A capture that fails is
+    recorded as {"error": why}."""
+    result = {}
+    for label, model in providers.items():
+        if label == "upstream" or label == "ours (reference)":
+            continue
+        if label not in graphs:
+            static = [t.clone() for t in x]
+            with torch.no_grad():
+                graph, captured, why = try_capture(lambda: model(*static), device)
+            graphs[label] = (graph, static, captured, why)
+        graph, static, captured, why = graphs[label]
+        if graph is None:
+            result[label] = {"error": why}
+            continue
+        for s, t in zip(static, x):
+            s.copy_(t)
+        graph.replay()
+        torch.cuda.synchronize(device)
+        check, diff = compare_outputs(captured, outputs[label], dtype)
+        t = timeit(graph.replay, device, warmup=warmup, repeat=repeat)
+        t["speedup_vs_upstream_eager"] = base / t["median_ms"]
+        t["replay_vs_eager"] = check
+        t["max_abs_diff_vs_eager"] = diff
+        result[label] = t
+    return result
+
+
+def run(args, device, dtype_name, err_kinds, repeat, warmup):
+    """One dtype: the tables, the result files; returns the JSON's path."""
+    dtype = getattr(torch, dtype_name)
+    cuda = is_cuda(device)
+    t0 = time.monotonic()
     info = device_info(device)
     out = Printer()
-    out(header(info, args.dtype, repeat, warmup))
+    out(header(info, dtype_name, repeat, warmup))
     contention = Contention()
 
-    results, rows, brows = {}, [], []
-    for name, setting in SETTINGS.items():
+    results, rows, brows, erows = {}, [], [], []
+    for name in args.settings:
+        setting = SETTINGS[name]
         providers = build(setting, device, dtype)
-        x = make_inputs(setting, device, dtype)
-        with torch.no_grad():
-            outputs = {label: model(*x) for label, model in providers.items()}
-            timings = {}
-            for label, model in providers.items():
-                before = minor_faults()
-                timings[label] = timeit(lambda: model(*x), device, warmup=warmup, repeat=repeat)
-                timings[label]["page_faults_per_call"] = (None if before is None
-                                                          else (minor_faults() - before) / (warmup + repeat))
-        base = timings["upstream"]["median_ms"]
-        for label in providers:
-            t = timings[label]
-            # pha and fgr; upstream's in the same dtype is the yardstick.
-            t["max_abs_diff_vs_upstream"] = max(float((a.double() - b.double()).abs().max())
-                                                for a, b in zip(outputs["upstream"][:2], outputs[label][:2]))
-            t["speedup_vs_upstream"] = base / t["median_ms"]
-            faults = t["page_faults_per_call"]
-            rows.append([name, label, f"{t['median_ms']:.1f}", f"{t['iqr_ms']:.1f}",
-                         f"{t['speedup_vs_upstream']:.2f}x", f"{t['max_abs_diff_vs_upstream']:.1e}",
-                         "" if faults is None else f"{faults:.0f}"])
-        del outputs
+        graphs = {}
+        results[name] = {"setting": dict(setting), "err": {}}
+        for kind in err_kinds:
+            x = make_inputs(setting, device, dtype, err=kind)
+            with torch.no_grad():
+                outputs = {label: model(*x) for label, model in providers.items()}
+                timings = {}
+                for label, model in providers.items():
+                    before = minor_faults()
+                    timings[label] = timeit(lambda: model(*x), device, warmup=warmup, repeat=repeat)
+                    timings[label]["page_faults_per_call"] = (None if before is None
+                                                              else (minor_faults() - before) / (warmup + repeat))
+            base = timings["upstream"]["median_ms"]
+            graph = graph_timings(providers, graphs, x, outputs, base, device, dtype, warmup, repeat) if cuda else None
+            ref = outputs["upstream"][2]
+            selected, nbrs = int((ref > 0).sum()), selected_neighbours(ref)
+            erows.append([name, kind, f"{selected}", f"{100 * selected / ref[:, 0].numel():.1f}%", f"{nbrs:.2f} of 8"])
+            for label in providers:
+                t = timings[label]
+                # pha and fgr; upstream's in the same dtype is the yardstick.
+                t["max_abs_diff_vs_upstream"] = max(float((a.double() - b.double()).abs().max())
+                                                    for a, b in zip(outputs["upstream"][:2], outputs[label][:2]))
+                t["speedup_vs_upstream"] = base / t["median_ms"]
+                faults = t["page_faults_per_call"]
+                row = [name, kind, label, f"{t['median_ms']:.2f}", f"{t['iqr_ms']:.2f}",
+                       f"{t['speedup_vs_upstream']:.2f}x"]
+                if cuda:
+                    g = graph.get(label)
+                    if g is None:
+                        row += ["", "", ""]
+                    elif "error" in g:
+                        row += ["capture failed", "", ""]
+                    else:
+                        row += [f"{g['median_ms']:.2f}", f"{g['speedup_vs_upstream_eager']:.2f}x",
+                                g["replay_vs_eager"] if g["replay_vs_eager"] == "equal"
+                                else f"{g['replay_vs_eager']} ({g['max_abs_diff_vs_eager']:.1e})"]
+                rows.append(row + [f"{t['max_abs_diff_vs_upstream']:.1e}", "" if faults is None else f"{faults:.0f}"])
+            del outputs
 
-        auto = f"ours ({resolve('auto', device, dtype)})"
-        ours = providers[auto]
-        parts, total, P = breakdown(ours, x, device, warmup, repeat)
-        gflops = conv_flops_per_patch(ours) * P / 1e9
-        for step in STEPS:
-            rate = f"{gflops / parts[step] * 1e3:.1f} GFLOP/s" if step == "convolutions" else ""
-            brows.append([name, STEP_LABELS[step], f"{parts[step]:.1f}", f"{100 * parts[step] / total:.0f}%", rate])
-        conv = parts["convolutions"]
-        brows.append([name, "convolutions | everything else", f"{conv:.1f} | {total - conv:.1f}",
-                      f"{100 * conv / total:.0f}% | {100 * (total - conv) / total:.0f}%", ""])
-        brows.append([name, "sum of the steps", f"{total:.1f}", "100%", ""])
-        brows.append([name, "(whole refiner, forward, table above)", f"{timings[auto]['median_ms']:.1f}",
-                      "", ""])
-        results[name] = {"setting": {**setting, "patches": P}, "timings": timings,
-                         "breakdown_ms": parts, "breakdown_total_ms": total,
-                         "conv_gflop": gflops, "conv_gflops_per_s": gflops / conv * 1e3}
-        del providers, x
+            auto = f"ours ({resolve('auto', device, dtype)})"
+            ours = providers[auto]
+            parts, total, P = breakdown(ours, x, device, warmup, repeat)
+            gflops = conv_flops_per_patch(ours) * P / 1e9
+            for step in STEPS:
+                rate = f"{gflops / parts[step] * 1e3:.1f} GFLOP/s" if step == "convolutions" else ""
+                brows.append([name, kind, STEP_LABELS[step], f"{parts[step]:.2f}",
+                              f"{100 * parts[step] / total:.0f}%", rate])
+            conv = parts["convolutions"]
+            brows.append([name, kind, "convolutions | everything else", f"{conv:.2f} | {total - conv:.2f}",
+                          f"{100 * conv / total:.0f}% | {100 * (total - conv) / total:.0f}%", ""])
+            brows.append([name, kind, "sum of the steps", f"{total:.2f}", "100%", ""])
+            brows.append([name, kind, "(whole refiner, forward, table above)", f"{timings[auto]['median_ms']:.2f}",
+                          "", ""])
+            results[name]["setting"]["patches"] = P
+            entry = {"selected_cells": selected, "selected_neighbours": nbrs, "timings": timings,
+                     "breakdown_ms": parts, "breakdown_total_ms": total,
+                     "conv_gflop": gflops, "conv_gflops_per_s": gflops / conv * 1e3}
+            if cuda:
+                entry["graph"] = graph
+            results[name]["err"][kind] = entry
+            del x
+        del providers, graphs
+        if cuda:
+            torch.cuda.empty_cache()
 
-    out.table("Refiner (eval, no_grad, sampling, prevent_oversampling=False, kernel 3, batch 1)",
-              ["setting", "provider", "median ms", "IQR ms", "speed-up", "max |diff|", "page faults"], rows)
+    out.table("Error maps: cells selected (by upstream) and how clustered they are (mean of a selected cell's 8 "
+              "neighbours selected too)", ["setting", "err", "selected", "of cells", "neighbours"], erows)
+    title = "Refiner (eval, no_grad, sampling, prevent_oversampling=False, kernel 3, batch 1)"
+    columns = ["setting", "err", "provider", "median ms", "IQR ms", "speed-up"]
+    if cuda:
+        title += ("\ngraph: ours captured in a CUDA graph, graph.replay() timed; graph speed-up = upstream's eager "
+                  "median / the replay's (upstream's nonzero synchronises: it cannot be captured); "
+                  "replay = eager: the replay's outputs against an eager call on the same inputs")
+        columns += ["graph ms", "graph speed-up", "replay = eager"]
+    out.table(title, columns + ["max |diff|", "page faults"], rows)
     out.table(f"Where ours spends its time (backend {resolve('auto', device, dtype)}, as 'auto' picks, "
               f"median of {repeat} passes)",
-              ["setting", "step", "ms", "share", "rate"], brows)
+              ["setting", "err", "step", "ms", "share", "rate"], brows)
     line, info["other_processes_cpu_share"] = contention.report()
     if line:
         out(line)
+    info["elapsed_s"] = round(time.monotonic() - t0, 1)
     settings = {"mode": "sampling", "kernel_size": 3, "prevent_oversampling": False, "batch": 1,
-                "dtype": args.dtype, "repeat": repeat, "warmup": warmup, "settings": SETTINGS,
-                "cpu_chunk_patches": pymatting_ext.Refiner.cpu_chunk_patches}
-    path = write_results(f"refiner_{args.dtype}", {"info": info, "settings": settings, "results": results},
-                         out.text())
-    print(f"\nwrote {path}")
+                "dtype": dtype_name, "repeat": repeat, "warmup": warmup,
+                "settings": {name: SETTINGS[name] for name in args.settings}, "err": list(err_kinds),
+                "tf32": info["tf32"], "cpu_chunk_patches": pymatting_ext.Refiner.cpu_chunk_patches}
+    if cuda:
+        settings["graph"] = ("each compiled backend's Refiner captured once per setting (warm-up on a side "
+                             "stream), static inputs overwritten per err kind; graph.replay() timed with CUDA "
+                             "events; speedup_vs_upstream_eager = upstream's eager median / replay median")
+    path = write_results(f"refiner_{dtype_name}", {"info": info, "settings": settings, "results": results},
+                         out.text(), args.out)
+    print(f"\nwrote {path} ({info['elapsed_s']:.0f} s)")
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--err", choices=list(ERR_KINDS) + ["both"], default=None,
+                        help="error map: uniform random, concentrated along a matte boundary, or both "
+                             "(default: both on CUDA, random on the CPU)")
+    args, device, dtypes, repeat, warmup = parse_common(parser, cpu_repeat=7, cuda_repeat=20)
+    err = args.err or ("both" if is_cuda(device) else "random")
+    err_kinds = list(ERR_KINDS) if err == "both" else [err]
+    for dtype_name in dtypes:
+        run(args, device, dtype_name, err_kinds, repeat, warmup)
+    verdict.summarize(results_folder(device_info(device), args.out))
 
 
 if __name__ == "__main__":

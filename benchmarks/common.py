@@ -9,6 +9,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import pymatting_ext
 
@@ -179,6 +180,7 @@ def device_info(device):
         "cpu_count": os.cpu_count(),
         # PyTorch's default lets cuDNN run fp32 convolutions in TF32.
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "tf32": tf32_settings(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "python": platform.python_version(),
@@ -194,11 +196,34 @@ def device_info(device):
     return info
 
 
+def tf32_settings():
+    """PyTorch's TF32 switches as they stand (the benchmarks keep PyTorch's
+    defaults: cuDNN convolutions in TF32 on, float32 matmuls off)."""
+    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    return {"cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "cudnn_conv_fp32_precision": conv,  # torch >= 2.9; None before
+            "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def tf32_line(info):
+    """One printed line saying what float32 convolutions and matmuls run in."""
+    t = info["tf32"]
+    conv = "TF32" if t["cudnn_allow_tf32"] else "full float32"
+    matmul = "TF32" if t["cuda_matmul_allow_tf32"] else "full float32"
+    return (f"TF32 (left as found; PyTorch's default: convolutions TF32, matmuls not): float32 convolutions in {conv} "
+            f"(torch.backends.cudnn.allow_tf32={t['cudnn_allow_tf32']}), matmuls in {matmul} "
+            f"(float32_matmul_precision={t['float32_matmul_precision']!r})")
+
+
 def header(info, dtype, repeat, warmup):
-    """The first printed line: device, threads, versions, timing."""
+    """The first printed lines: device, threads, versions, timing (and TF32
+    on CUDA)."""
     line = (f"device: {info['device_name']} ({info['device']}, {info['threads']} threads), "
             f"torch {info['torch']}, pymatting_ext {info['pymatting_ext']}, python {info['python']}, "
             f"{dtype}, median of {repeat} after {warmup} warm-up")
+    if is_cuda(info["device"]):
+        line += "\n" + tf32_line(info)
     if not info["extension_loaded"]:
         line += "\nWARNING: the compiled extension is not loaded; 'auto' runs the reference ops"
     return line
@@ -210,11 +235,17 @@ def device_slug(info):
     return f"{torch.device(info['device']).type}-{name}"
 
 
-def write_results(name, payload, text):
+def results_folder(info, out=None):
+    """Where the result files go: out (--out) if given, else
+    benchmarks/results/<device slug>/."""
+    return out if out else os.path.join(HERE, "results", device_slug(info))
+
+
+def write_results(name, payload, text, out=None):
     """Writes payload (which holds device_info's dict under "info") to
-    benchmarks/results/<device slug>/<name>.json and the printed text beside
-    it as <name>.txt; returns the JSON's path."""
-    folder = os.path.join(HERE, "results", device_slug(payload["info"]))
+    <folder>/<name>.json and the printed text beside it as <name>.txt, folder
+    as results_folder(info, out); returns the JSON's path."""
+    folder = results_folder(payload["info"], out)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name}.json")
     with open(path, "w") as f:
@@ -249,16 +280,67 @@ class Printer:
         return "\n".join(self.lines)
 
 
-def make_inputs(setting, device, dtype, batch=1, seed=0):
+#: The error maps bench_refiner.py times with (--err).
+ERR_KINDS = ("random", "boundary")
+
+
+def make_inputs(setting, device, dtype, batch=1, seed=0, err="random"):
     """Random inputs as MattingRefine hands them to its refiner: src, bgr,
-    pha, err, hid uniform in [0, 1), fgr (a residual) normal * 0.1."""
+    pha, hid uniform in [0, 1), fgr (a residual) normal * 0.1; err uniform
+    (err='random') or as boundary_err makes it (err='boundary'). The other
+    inputs are the same for both kinds of err."""
     g = torch.Generator().manual_seed(seed)
     H, W, scale = setting["H"], setting["W"], setting["scale"]
     Hc, Wc = int(H * scale), int(W * scale)
     r = lambda *s: torch.rand(*s, generator=g)
-    x = (r(batch, 3, H, W), r(batch, 3, H, W), r(batch, 1, Hc, Wc),
-         torch.randn(batch, 3, Hc, Wc, generator=g) * 0.1, r(batch, 1, Hc, Wc), r(batch, 32, Hc, Wc))
+    x = [r(batch, 3, H, W), r(batch, 3, H, W), r(batch, 1, Hc, Wc),
+         torch.randn(batch, 3, Hc, Wc, generator=g) * 0.1, r(batch, 1, Hc, Wc), r(batch, 32, Hc, Wc)]
+    if err == "boundary":
+        x[4] = boundary_err(batch, Hc, Wc, seed)
+    elif err != "random":
+        raise ValueError(f"err must be one of {ERR_KINDS}, got {err!r}")
     return tuple(t.to(device=device, dtype=dtype) for t in x)
+
+
+def boundary_err(batch, Hc, Wc, seed=0, width=4.0, noise=0.05):
+    """(B, 1, Hc, Wc) coarse error maps as trained models produce them: high
+    in a band along the edge of a matte, small noise elsewhere. The matte is
+    a smooth random blob (an upright ellipse, a person's proportions, its
+    radius wobbled by a few low harmonics); err = exp(-(d / width)^2) times
+    a factor in [0.5, 1), plus noise * U[0, 1), d the distance (coarse
+    pixels, approximately) from the blob's edge. At the HD and 4K settings
+    sampling then picks a solid strip along the edge (a selected cell has
+    7.3 (HD) and 7.7 (4K) of its 8 neighbours selected, against 0.3 and
+    2.7 with uniform err): neighbouring cells share most of their windows."""
+    g = torch.Generator().manual_seed(seed + 1)
+    u = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64)
+    y = (torch.arange(Hc, dtype=torch.float64) + 0.5).view(Hc, 1)
+    x = (torch.arange(Wc, dtype=torch.float64) + 0.5).view(1, Wc)
+    maps = []
+    for _ in range(batch):
+        cy, cx = Hc * (0.45 + 0.1 * u(())), Wc * (0.4 + 0.2 * u(()))
+        ry, rx = Hc * (0.30 + 0.06 * u(())), Wc * (0.16 + 0.05 * u(()))
+        dy, dx = (y - cy) / ry, (x - cx) / rx
+        rho, theta = torch.sqrt(dy * dy + dx * dx), torch.atan2(dy, dx)
+        edge = torch.ones_like(theta)
+        for n in range(2, 7):
+            edge = edge + 0.3 / n * u(()) * torch.cos(n * theta + 2 * torch.pi * u(()))
+        d = (rho - edge) * torch.minimum(ry, rx)
+        band = torch.exp(-(d / width) ** 2) * (0.5 + 0.5 * u(Hc, Wc))
+        maps.append((band + noise * u(Hc, Wc)).clamp(0, 1))
+    return torch.stack(maps)[:, None].float()
+
+
+def selected_neighbours(ref):
+    """How clustered the selected cells of a (B, 1, h, w) 0/1 map are: the
+    mean number of a selected cell's 8 neighbours that are selected too (0
+    for isolated cells, 8 inside a solid block; 0.3 (HD) and 2.7 (4K, where
+    err_q is a 2x upsample of the coarse err) for uniform random err)."""
+    ref = (ref.float() > 0).float()
+    if not bool(ref.any()):
+        return 0.0
+    n = F.conv2d(ref, torch.ones(1, 1, 3, 3, device=ref.device), padding=1) - ref
+    return float(n[ref > 0].mean())
 
 
 def random_bn_(module, seed=0):
@@ -271,23 +353,68 @@ def random_bn_(module, seed=0):
     return module
 
 
+def capture_graph(fn, device, warmup=3):
+    """(graph, output): one call of fn captured in a CUDA graph, after
+    `warmup` calls on a side stream (as PyTorch's CUDA-graph notes ask: lazy
+    initialisation, Triton's compilation and cuDNN's workspaces happen
+    there, not under capture). fn must neither synchronise with the host nor
+    depend on data for its shapes; graph.replay() then reruns it on whatever
+    its input tensors hold, into the same output tensors."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def try_capture(fn, device, warmup=3):
+    """capture_graph, or (None, None, why) when capturing fails (something
+    in fn synchronises, say): a benchmark row is then left without its
+    graph time instead of ending the run. Returns (graph, output, None) on
+    success."""
+    try:
+        graph, out = capture_graph(fn, device, warmup)
+    except Exception as exc:  # noqa: BLE001 - recorded in the results
+        try:
+            torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001
+            pass
+        lines = str(exc).strip().splitlines()
+        return None, None, f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+    return graph, out, None
+
+
 def parse_common(parser, cpu_repeat, cuda_repeat):
-    """Adds --device, --dtype, --repeat, --quick; returns (args, device,
-    dtype, repeat, warmup). Half precision is for CUDA only (upstream's CPU
-    convolutions are not meant for it)."""
+    """Adds --device, --dtype, --settings, --repeat, --quick and --out;
+    returns (args, device, dtypes, repeat, warmup), dtypes a list of dtype
+    names (--dtype takes several: one process runs them one after the
+    other, writing one result file each). Half precision is for CUDA only
+    (upstream's CPU convolutions are not meant for it)."""
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"],
+                        help="one or more (default float32); float16 and bfloat16 on CUDA only")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                        help="image sizes to run (default: all)")
     parser.add_argument("--repeat", type=int, default=None,
                         help=f"timed calls per measurement (default {cpu_repeat} on the CPU, {cuda_repeat} on CUDA)")
     parser.add_argument("--quick", action="store_true", help="3 timed calls after 1 warm-up")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="folder for the JSON and text results (default: benchmarks/results/<device>/)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
-    if args.dtype != "float32" and device.type != "cuda":
-        parser.error(f"--dtype {args.dtype} is for CUDA only; on the CPU the benchmarks run float32")
+    half = [d for d in args.dtype if d != "float32"]
+    if half and device.type != "cuda":
+        parser.error(f"--dtype {half[0]} is for CUDA only; on the CPU the benchmarks run float32")
     if args.repeat is not None and args.repeat < 1:
         parser.error("--repeat must be at least 1")
     repeat = 3 if args.quick else args.repeat or (cuda_repeat if device.type == "cuda" else cpu_repeat)
     warmup = 1 if args.quick else 2
-    return args, device, getattr(torch, args.dtype), repeat, warmup
+    dtypes = list(dict.fromkeys(args.dtype))
+    return args, device, dtypes, repeat, warmup

@@ -4,7 +4,9 @@
 # Same set-up as tests/run.sh (torch only if none is installed, upstream's
 # package, a build of this checkout), then upstream vs ours on whatever device
 # is found (float32, and on a GPU float16 too); tables are printed and JSON
-# written under benchmarks/results/.
+# written under benchmarks/results/<device>/ (or --out DIR), then the verdict
+# on the GPU targets (verdict.py). For a machine that is set up already (no
+# network), run_device.sh runs the same set into one folder, with logs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,7 +27,16 @@ DTYPES=float32
 if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     DTYPES="float32 float16"
 fi
-for dtype in $DTYPES; do
-    "$PY" bench_refiner.py --dtype "$dtype" "$@"
-    "$PY" bench_ops.py --dtype "$dtype" "$@"
+# shellcheck disable=SC2086  # DTYPES is a list: one process runs each dtype in turn
+"$PY" bench_refiner.py --dtype $DTYPES "$@"
+# shellcheck disable=SC2086
+"$PY" bench_ops.py --dtype $DTYPES "$@"
+# The GPU targets against the results (the folder of --out if given).
+OUT_ARGS=()
+prev=
+for arg in "$@"; do
+    [ "$prev" = --out ] && OUT_ARGS=("$arg")
+    case $arg in --out=*) OUT_ARGS=("${arg#--out=}") ;; esac
+    prev=$arg
 done
+"$PY" verdict.py "${OUT_ARGS[@]}"
