@@ -355,6 +355,8 @@ def _convert_refiner(refiner: nn.Module, backend: str) -> None:
     if not isinstance(refiner, Refiner):
         refiner.__class__ = Refiner
     refiner.backend = backend
+    if not hasattr(refiner, "max_patches"):
+        refiner.max_patches = None
 
 
 def accelerate(model: nn.Module, *, backend: str = "auto") -> nn.Module:

@@ -1,5 +1,6 @@
 """pymatting_ext.Refiner: a drop-in replacement for BackgroundMattingV2's
 Refiner, built on the op set."""
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -78,6 +79,39 @@ def _promote_under_autocast(*tensors: Tensor) -> List[Tensor]:
     return [t.to(dtype) for t in tensors]
 
 
+_free_cache = {}
+
+
+@torch.jit.unused
+def _free_memory(device: torch.device) -> int:
+    """Free bytes on `device`: the driver's free memory plus what PyTorch's
+    caching allocator holds unused (CUDA), or the memory the OS has
+    available (CPU). Re-read at most every second (and never during CUDA
+    graph capture, where the last reading serves)."""
+    import time
+
+    key = str(device)
+    now = time.monotonic()
+    cached = _free_cache.get(key)
+    if cached is not None and (now - cached[0] < 1.0 or _capturing(device)):
+        return cached[1]
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = 8 << 30
+    _free_cache[key] = (now, int(free))
+    return int(free)
+
+
+@torch.jit.unused
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _select_sampling(backend: str, err: Tensor, k: int, prevent: bool) -> Tuple[Tensor, Tensor, Tensor]:
     if torch.jit.is_scripting():
         return torch.ops.pymatting_ext.select_sampling(err, k, prevent)
@@ -141,7 +175,8 @@ class Refiner(nn.Module):
 
     def __init__(self, mode: str, sample_pixels: int, threshold: float, kernel_size: int = 3,
                  prevent_oversampling: bool = True, patch_crop_method: str = "unfold",
-                 patch_replace_method: str = "scatter_nd", *, backend: str = "auto"):
+                 patch_replace_method: str = "scatter_nd", *, backend: str = "auto",
+                 max_patches: Optional[int] = None):
         super().__init__()
         if mode not in _MODES:
             raise ValueError(f"Refiner: mode must be one of {_MODES}, got {mode!r}")
@@ -158,6 +193,9 @@ class Refiner(nn.Module):
                              f"got {patch_replace_method!r}")
         if backend not in BACKENDS:
             raise ValueError(f"Refiner: backend must be one of {BACKENDS}, got {backend!r}")
+        if max_patches is not None and (isinstance(max_patches, bool) or not isinstance(max_patches, int)
+                                        or max_patches < 1):
+            raise ValueError(f"Refiner: max_patches must be a positive int or None, got {max_patches!r}")
         self.mode = mode
         self.sample_pixels = sample_pixels
         self.threshold = threshold
@@ -166,6 +204,7 @@ class Refiner(nn.Module):
         self.patch_crop_method = patch_crop_method
         self.patch_replace_method = patch_replace_method
         self.backend = backend
+        self.max_patches = max_patches
 
         channels = [32, 24, 16, 12, 4]
         self.conv1 = nn.Conv2d(channels[0] + 6 + 4, channels[1], kernel_size, bias=False)
@@ -397,16 +436,16 @@ class Refiner(nn.Module):
         P = idx.shape[0]
         chunk: Optional[int] = None
         if not torch.jit.is_scripting():
-            chunk = self._chunk_size(backend, len(folded) > 0)
+            chunk = self._chunk_size(backend, len(folded) > 0, src)
         if self.training and P == 0:
             # As upstream: no patches, so BatchNorm sees no (empty) batch.
             x = coarse.new_empty([0, 4, 4, 4])
         elif chunk is None or P <= chunk:
             x = self._patches(backend, idx, src, bgr, pha, fgr, hid, folded)
         else:
-            # NB: in eval mode every patch is computed independently, so the
-            # CPU runs them in chunks whose intermediates stay in cache and in
-            # the malloc heap, instead of ~100 MB of fresh pages per frame.
+            # NB: in eval mode every patch is computed independently, so they
+            # run in chunks of bounded memory (see _chunk_size). P is known
+            # on the host: no synchronisation.
             parts: List[Tensor] = []
             for i in range(0, P, chunk):
                 parts.append(self._patches(backend, idx[i:i + chunk], src, bgr, pha, fgr, hid, folded))
@@ -417,11 +456,36 @@ class Refiner(nn.Module):
 
     #: Patches per chunk on the CPU in eval mode (see forward).
     cpu_chunk_patches = 512
+    #: The most memory the patches of one chunk may take by default (bytes):
+    #: a quarter of the free device memory, at most this.
+    chunk_budget_bytes = 1 << 30
+    #: Elements of intermediates per patch, all stages together (crop 42x8x8,
+    #: conv1 24x6x6, conv2, conv3's input 22x8x8 and output, the result),
+    #: rounded up for allocator slack: the estimate behind the default chunk.
+    _elements_per_patch = 8192
 
     @torch.jit.unused
-    def _chunk_size(self, backend: str, folded: bool) -> Optional[int]:
-        # Only the C++ CPU kernels gain: the reference resizes whole images
-        # per call.
-        if not folded or backend != "cpu" or torch.compiler.is_compiling():
+    def _chunk_size(self, backend: str, folded: bool, like: Optional[Tensor] = None) -> Optional[int]:
+        """Patches per chunk in eval mode, or None for one chunk.
+
+        max_patches when set; else on the C++ CPU kernels cpu_chunk_patches
+        (the intermediates then stay in cache and in malloc's heap instead of
+        ~100 MB of fresh pages a frame); else as many patches as fit in
+        chunk_budget_bytes or a quarter of the free memory of `like`'s device,
+        whichever is less. Training is never chunked: BatchNorm's batch
+        statistics need every patch at once. Neither is a torch.compile trace
+        (the patch count may be symbolic) unless max_patches asks for it."""
+        if not folded:
             return None
-        return self.cpu_chunk_patches
+        if self.max_patches is not None:
+            return self.max_patches
+        if torch.compiler.is_compiling():
+            return None
+        if backend == "cpu":
+            return self.cpu_chunk_patches
+        budget = self.chunk_budget_bytes
+        if like is not None:
+            budget = min(budget, _free_memory(like.device) // 4)
+            per_patch = self._elements_per_patch * like.element_size()
+            return max(256, budget // per_patch)
+        return None

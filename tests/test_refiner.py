@@ -384,3 +384,49 @@ def test_eval_fold_keeps_autograd_where_it_is_needed(monkeypatch):
         model(src, *x[1:])[1].sum().backward()
         grads.append(src.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+# -- bounded memory: patches in chunks ------------------------------------------
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("mode,prevent", [("sampling", True), ("sampling", False), ("thresholding", True)])
+def test_patches_in_chunks_give_the_same_result(backend, mode, prevent):
+    up, ours = pair(mode, 16 * 300, 0.3, prevent=prevent, backend=backend, max_patches=37)
+    up.eval(), ours.eval()
+    x = inputs(2, 120, 164, 0.25)
+    with torch.no_grad():
+        chunked = ours(*x)
+        ours.max_patches = None
+        whole = ours(*x)
+        check_outputs(up(*x), chunked)
+    assert torch.equal(chunked[2], whole[2])
+    for a, b in zip(chunked[:2], whole[:2]):
+        assert float((a - b).abs().max()) <= 1e-6 * max(1.0, float(b.abs().max()))
+
+
+def test_default_chunk_follows_the_memory_budget(monkeypatch):
+    _, ours = pair("thresholding", threshold=0.0, backend="reference")
+    ours.eval()
+    calls = []
+    real = pm.Refiner._patches
+
+    def spy(self, backend, idx, *args):
+        calls.append(idx.shape[0])
+        return real(self, backend, idx, *args)
+
+    monkeypatch.setattr(pm.Refiner, "_patches", spy)
+    x = inputs(1, 64, 96, 0.25)
+    with torch.no_grad():
+        ours(*x)
+        assert calls == [16 * 24]  # one chunk within the default budget
+        calls.clear()
+        ours.chunk_budget_bytes = 100 * ours._elements_per_patch * 4
+        ours(*x)
+    assert calls == [256, 16 * 24 - 256]  # at least 256 patches a chunk
+    assert pm.Refiner.chunk_budget_bytes == 1 << 30
+
+
+def test_max_patches_is_checked():
+    for bad in (0, -3, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="max_patches must be a positive int or None"):
+            pm.Refiner("sampling", 100, 0.1, max_patches=bad)
