@@ -218,6 +218,21 @@ class MattingBase(Base):
     def __init__(self, backbone: str):
         super().__init__(backbone, in_channels=6, out_channels=1 + 3 + 1 + 32)
 
+    @torch.jit.unused
+    def _check_against_model(self, who: str, src: Tensor) -> None:
+        """The images on the model's device, in its dtype (under autocast the
+        convolutions cast for themselves)."""
+        param = next(self.parameters(), None)
+        if param is None:
+            return
+        if src.device != param.device:
+            raise ValueError(f"{who}: src and bgr are on {src.device} but the model is on {param.device}; "
+                             f"move one of them (model.to({str(src.device)!r}) or src.to({str(param.device)!r}))")
+        if src.dtype != param.dtype and not torch.is_autocast_enabled(src.device.type):
+            raise ValueError(f"{who}: src and bgr are {src.dtype} but the model's parameters are "
+                             f"{param.dtype}; convert the images (src.to({param.dtype})) or the model "
+                             f"(model.to({src.dtype})), or run under torch.autocast")
+
     def _coarse(self, src: Tensor, bgr: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """pha, the foreground residual (not yet added to src), err and hid,
         as views of one decoder output, activated in place as upstream does."""
@@ -230,6 +245,8 @@ class MattingBase(Base):
 
     def forward(self, src: Tensor, bgr: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         _check_images("MattingBase", src, bgr, False)
+        if not torch.jit.is_scripting():
+            self._check_against_model("MattingBase", src)
         pha, fgr_residual, err, hid = self._coarse(src, bgr)
         fgr = (fgr_residual + src).clamp_(0.0, 1.0)
         return pha, fgr, err, hid
@@ -289,6 +306,8 @@ class MattingRefine(MattingBase):
     # can turn an upstream instance into this class in place.
     def forward(self, src: Tensor, bgr: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         _check_images("MattingRefine", src, bgr, True)
+        if not torch.jit.is_scripting():
+            self._check_against_model("MattingRefine", src)
         H, W = src.shape[2], src.shape[3]
         if int(H * self.backbone_scale) < 1 or int(W * self.backbone_scale) < 1:
             raise ValueError(f"MattingRefine: src of {H}x{W} is too small for backbone_scale="

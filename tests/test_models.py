@@ -564,3 +564,28 @@ def test_bad_input_for_refine_only(small_models):
         assert base(*odd)[0].shape == (1, 1, 62, 96)  # as upstream: any size
     with pytest.raises(ValueError, match="backbone_scale"):
         refine(*images(1, 4, 96))  # int(4 * 0.125) == 0
+
+
+def test_images_must_match_the_models_dtype_and_device(small_models):
+    src = torch.rand(1, 3, 64, 96)
+    for model in small_models:
+        half = copy.deepcopy(model).half()
+        with pytest.raises(ValueError, match=r"src and bgr are torch.float32 but the model's parameters are "
+                                             r"torch.float16.*autocast"):
+            half(src, src)
+        with pytest.raises(ValueError, match="src and bgr are on meta but the model is on cpu"):
+            model(src.to("meta"), src.to("meta"))
+    # Under autocast the model casts for itself.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        copy.deepcopy(small_models[1]).bfloat16()(src, src)
+
+
+def test_accelerated_model_checks_its_inputs():
+    up = pytest.importorskip("BackgroundMattingV2.model").MattingRefine("mobilenetv2", 0.125).eval()
+    model = accelerate(up)
+    with pytest.raises(ValueError, match="floating"):
+        model(torch.zeros(1, 3, 64, 96, dtype=torch.uint8), torch.zeros(1, 3, 64, 96, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="same shape"):
+        model(torch.rand(1, 3, 64, 96), torch.rand(1, 3, 64, 100))
+    with pytest.raises(ValueError, match="model's parameters are torch.float16"):
+        model.half()(torch.rand(1, 3, 64, 96), torch.rand(1, 3, 64, 96))
