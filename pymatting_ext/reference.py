@@ -55,7 +55,10 @@ def crop(inputs: Sequence[torch.Tensor], idx: torch.Tensor, stride: int, padding
     if patch_size is None:
         patch_size = (stride + 2 * padding, stride + 2 * padding)
     ph, pw = patch_size
-    image = torch.cat([t if tuple(t.shape[2:]) == (H, W) else _bilinear(t, (H, W)) for t in inputs], 1)
+    # (An input without channels contributes none; F.interpolate rejects it.)
+    image = torch.cat([t if tuple(t.shape[2:]) == (H, W) else
+                       _bilinear(t, (H, W)) if t.shape[1] else t.new_empty((t.shape[0], 0, H, W))
+                       for t in inputs], 1)
     b, cy, cx = idx.unbind(1)
     ys = cy[:, None] * stride - padding + torch.arange(ph, device=idx.device)  # (P, ph)
     xs = cx[:, None] * stride - padding + torch.arange(pw, device=idx.device)  # (P, pw)
