@@ -2,12 +2,19 @@
 pymatting_ext.triton_kernels) registered as ops in the namespace
 ``pymatting_ext_triton``, with the schemas of the C++ ops.
 
-crop, replace, compose and select_sampling are ``torch.library.triton_op``s,
-so torch.compile traces into their launches; select_thresholding reads its
-output size back from the device, so it is an opaque custom op with a fake
-kernel of data-dependent size, as the C++ op. Under Triton's interpreter
-(TRITON_INTERPRET=1) torch cannot trace kernels, so there every op is an
-opaque custom op with the C++ ops' fake kernels.
+crop, crop_into, replace, compose and select_sampling are
+``torch.library.triton_op``s, so torch.compile traces into their launches;
+select_thresholding reads its output size back from the device, so it is an
+opaque custom op with a fake kernel of data-dependent size, as the C++ op.
+Under Triton's interpreter (TRITON_INTERPRET=1) torch cannot trace kernels,
+so there every op is an opaque custom op with the C++ ops' fake kernels.
+
+Every op runs on its tensors' device (made current for the launches, as the
+C++ ops' device guard does), whatever device is current.
+
+NB: the bodies call the launchers by their bare names: torch finds a
+triton_op's kernels by reading its source (through such calls down to the
+``wrap_triton(kernel)`` call sites) and hashes them into its compile cache.
 
 Imported on first use of backend='triton' (see _backend.triton_status): Triton
 decides between compiling and interpreting (TRITON_INTERPRET=1) when the
@@ -21,6 +28,10 @@ from torch import Tensor
 from . import triton_kernels as _k
 from . import _autograd
 from ._meta import FAKES
+from .triton_kernels.compose import compose as _compose, replace as _replace
+from .triton_kernels.crop import crop as _crop, crop_into as _crop_into
+from .triton_kernels.select import select_sampling as _select_sampling
+from .triton_kernels.select import select_thresholding as _select_thresholding
 
 __all__ = []
 
@@ -30,12 +41,12 @@ _NS = "pymatting_ext_triton"
 TRACEABLE = hasattr(torch.library, "triton_op") and _k.compiled()
 
 
-def _op(name):
+def _op(name, mutates_args=()):
     if TRACEABLE:
-        return torch.library.triton_op(f"{_NS}::{name}", mutates_args=())
+        return torch.library.triton_op(f"{_NS}::{name}", mutates_args=mutates_args)
 
     def opaque(fn):
-        op = torch.library.custom_op(f"{_NS}::{name}", mutates_args=())(fn)
+        op = torch.library.custom_op(f"{_NS}::{name}", mutates_args=mutates_args)(fn)
         op.register_fake(FAKES[name])
         return op
     return opaque
@@ -43,12 +54,14 @@ def _op(name):
 
 @_op("select_sampling")
 def select_sampling(err: Tensor, k: int, prevent_oversampling: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    return _k.select_sampling(err, k, prevent_oversampling)
+    return _select_sampling(err, k, prevent_oversampling)
 
 
+# NB: not a triton_op, so never traced: its launches go straight to Triton
+# (triton_kernels.common.wrap_triton).
 @torch.library.custom_op(f"{_NS}::select_thresholding", mutates_args=())
 def select_thresholding(err: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
-    return _k.select_thresholding(err, threshold)
+    return _select_thresholding(err, threshold)
 
 
 select_thresholding.register_fake(FAKES["select_thresholding"])
@@ -57,18 +70,24 @@ select_thresholding.register_fake(FAKES["select_thresholding"])
 @_op("crop")
 def crop(inputs: List[Tensor], idx: Tensor, stride: int, padding: int, image_size: List[int],
          patch_size: List[int]) -> Tensor:
-    return _k.crop(inputs, idx, stride, padding, image_size, patch_size)
+    return _crop(inputs, idx, stride, padding, image_size, patch_size)
+
+
+@_op("crop_into", mutates_args={"out"})
+def crop_into(inputs: List[Tensor], idx: Tensor, stride: int, padding: int, image_size: List[int],
+              channel_offset: int, out: Tensor) -> None:
+    _crop_into(inputs, idx, stride, padding, image_size, channel_offset, out)
 
 
 @_op("replace")
 def replace(x: Tensor, patches: Tensor, idx: Tensor, valid: Optional[Tensor]) -> Tensor:
-    return _k.replace(x, patches, idx, valid)
+    return _replace(x, patches, idx, valid)
 
 
 @_op("compose")
 def compose(coarse: Tensor, patches: Tensor, idx: Tensor, valid: Optional[Tensor], size: List[int],
             src: Optional[Tensor]) -> Tensor:
-    return _k.compose(coarse, patches, idx, valid, size, src)
+    return _compose(coarse, patches, idx, valid, size, src)
 
 
 _autograd.register(_NS)

@@ -18,7 +18,7 @@ Upstream = pytest.importorskip("BackgroundMattingV2.model.refiner").Refiner
 
 @pytest.mark.parametrize("device,backend", TRITON_CASES)
 def test_triton_ops_are_registered_with_the_cpp_schemas(device, backend):
-    for name in ("select_sampling", "select_thresholding", "crop", "replace", "compose"):
+    for name in ("select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose"):
         ours = getattr(torch.ops.pymatting_ext_triton, name).default._schema
         if not _extension.available():
             continue
@@ -51,6 +51,9 @@ def test_triton_opcheck(device, backend):
         (ops.select_sampling.default, (err, 5, True)),
         (ops.select_thresholding.default, (err, 0.5)),
         (ops.crop.default, ([hid, src], idx, 2, 3, [12, 14], [8, 8])),
+        (ops.crop_into.default, ([hid, src], idx, 2, 3, [12, 14], 1,
+                                 torch.zeros(idx.shape[0], 7, 8, 8, device=device).contiguous(
+                                     memory_format=torch.channels_last))),
         (ops.replace.default, (torch.rand(2, 4, 24, 28, device=device), patches, idx, valid)),
         (ops.compose.default, (coarse, patches, idx, valid, [24, 28], src)),
     ]

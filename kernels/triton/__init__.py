@@ -3,9 +3,14 @@
 
 Each module holds the ``@triton.jit`` kernels of one op and a launcher that
 takes torch tensors, allocates the outputs and launches on the tensors'
-device. The launchers go through ``wrap`` (``torch.library.wrap_triton`` when
-the installed torch has it) so that the ops registered from them in
-``pymatting_ext._triton`` can be traced by torch.compile.
+device (made current for the launch). The launchers call
+``common.wrap_triton``, which goes through ``torch.library.wrap_triton`` only
+while an op registered from them in ``pymatting_ext._triton`` is traced by
+torch.compile, and launches the kernels directly otherwise.
+
+Integer size arguments are not specialised (``do_not_specialize``), so one
+compiled variant per kernel and dtype serves every frame size; ``warmup``
+compiles the ones the Refiner uses ahead of the first frame.
 
 Under ``TRITON_INTERPRET=1`` (set before this package is imported) the same
 kernels run on CPU tensors through Triton's interpreter: that is how CI
@@ -13,7 +18,9 @@ tests them without a GPU.
 """
 from .common import compiled
 from .select import select_sampling, select_thresholding
-from .crop import crop
+from .crop import crop, crop_into
 from .compose import compose, replace
+from .warmup import compiled_variants, warmup
 
-__all__ = ["select_sampling", "select_thresholding", "crop", "replace", "compose", "compiled"]
+__all__ = ["select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose", "compiled",
+           "warmup", "compiled_variants"]

@@ -1,45 +1,100 @@
-"""Helpers shared by the Triton kernels: the bilinear tap of PyTorch's
-align_corners=False resize, and the launcher wrapper."""
+"""Helpers shared by the Triton kernels: how a kernel is launched (raw, or
+through torch's wrap_triton while an op is traced), the device guard, and the
+bilinear tap of PyTorch's align_corners=False resize."""
+import contextlib
+
 import numpy as np
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.fake_tensor import FakeTensor
 
 try:  # torch >= 2.6: lets torch.compile see inside the launch
-    from torch.library import wrap_triton as _wrap_triton
+    from torch.library import wrap_triton as _torch_wrap_triton
 except ImportError:  # pragma: no cover - older torch
-    _wrap_triton = None
+    _torch_wrap_triton = None
+
+try:
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    _TRACED = (FakeTensor, FunctionalTensor)
+except ImportError:  # pragma: no cover - older torch
+    _TRACED = (FakeTensor,)
 
 
-class _Interpreted:
-    """An interpreted kernel (TRITON_INTERPRET=1), which torch cannot trace:
-    launched as is, and skipped while the op is traced with fake tensors
-    (the outputs are already allocated; there is nothing to compute)."""
+def _traced(args) -> bool:
+    """Whether the launch is being traced (a triton_op's body run on fake or
+    functional tensors) rather than run: decided by the first tensor, as a
+    launch's tensors are all one kind."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return isinstance(a, _TRACED)
+    return False
+
+
+class _Launch:
+    __slots__ = ("kernel", "grid")
+
+    def __init__(self, kernel, grid):
+        self.kernel = kernel
+        self.grid = grid
+
+    def __call__(self, *args, **kwargs):
+        if _traced(args):
+            if not compiled():
+                # The interpreter cannot be traced; the outputs are already
+                # allocated, there is nothing to compute.
+                return None
+            if _torch_wrap_triton is not None:
+                return _torch_wrap_triton(self.kernel)[self.grid](*args, **kwargs)
+        # NB: straight to Triton, never through torch's traceable wrapper:
+        # outside a trace that wrapper runs the kernel through a
+        # higher-order op that costs ~190 us of Python and adds an entry to
+        # torch's kernel side table that is never freed.
+        return self.kernel[self.grid](*args, **kwargs)
+
+
+class wrap_triton:  # noqa: N801 - named as torch.library.wrap_triton, see below
+    """``wrap_triton(kernel)[grid](*args)``: launches `kernel`, through
+    ``torch.library.wrap_triton`` while a triton_op is traced (fake or
+    functional tensors) and directly otherwise.
+
+    NB: called by this bare name, at the call site, with the kernel's global
+    name as argument: torch finds the kernels of a triton_op by reading its
+    source (and that of the functions it calls by bare name) for
+    ``wrap_triton(<name>)`` calls, and hashes them into its compile cache
+    keys, so an edited kernel invalidates cached graphs. (torch 2.14 does not
+    recognise the spelling ``torch.library.wrap_triton(<name>)``.)
+    """
+
+    __slots__ = ("kernel",)
 
     def __init__(self, kernel):
         self.kernel = kernel
 
     def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
-                return
-            self.kernel[grid](*args, **kwargs)
-        return launch
+        return _Launch(self.kernel, grid)
 
 
-def wrap(kernel):
-    """The kernel, launchable as ``wrap(kernel)[grid](...)``; wrapped for
-    torch.compile where torch supports it."""
-    if not isinstance(kernel, triton.runtime.jit.JITFunction):
-        return _Interpreted(kernel)
-    return _wrap_triton(kernel) if _wrap_triton is not None else kernel
+def device_guard(device: torch.device):
+    """Makes `device` current while the kernels launch: Triton launches on the
+    current device and its current stream, whatever the tensors' device. A
+    no-op for CPU tensors (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def round_weights(device: torch.device) -> bool:
+    """Whether bilinear weights are rounded to the tensors' dtype: as
+    PyTorch's upsample on that device does (its CPU kernel rounds them for
+    float16/bfloat16, its CUDA kernel keeps them in float32)."""
+    return device.type != "cuda"
 
 
 def compiled() -> bool:
     """True if the kernels are compiled for the GPU, False under Triton's
     interpreter (TRITON_INTERPRET=1 when they were defined)."""
-    return isinstance(_probe, triton.runtime.jit.JITFunction)
+    return _COMPILED
 
 
 def known_empty(n) -> bool:
@@ -50,6 +105,16 @@ def known_empty(n) -> bool:
     except ImportError:  # pragma: no cover - older torch
         return n == 0
     return guard_or_false(n == 0)
+
+
+def maybe_int64(n) -> bool:
+    """n >= 2^31 for a size that may be symbolic while torch.compile traces:
+    True where it cannot be known (int64 arithmetic is right either way)."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import guard_or_true
+    except ImportError:  # pragma: no cover - older torch
+        return n >= 2 ** 31
+    return guard_or_true(n >= 2 ** 31)
 
 
 def block_size(gpu: int, interpreted: int) -> int:
@@ -70,6 +135,9 @@ def _probe():
     pass
 
 
+_COMPILED = isinstance(_probe, triton.runtime.jit.JITFunction)
+
+
 @triton.jit
 def to_dtype(v, dtype: tl.constexpr):
     """float32 v converted to `dtype`, rounding to nearest even.
@@ -85,42 +153,37 @@ def to_dtype(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def round_to(v, dtype: tl.constexpr):
-    """v (float32) rounded to `dtype` and back, as PyTorch rounds the
-    bilinear weights to the tensor's dtype."""
-    return to_dtype(v, dtype).to(tl.float32)
-
-
-@triton.jit
-def linear_tap(dst, in_size, scale, dtype: tl.constexpr):
+def linear_tap(dst, in_size, scale, dtype: tl.constexpr, ROUND: tl.constexpr):
     """One axis of PyTorch's bilinear resize (align_corners=False) for output
-    coordinates `dst` (int tensor): the two input indices and their weights,
-    step for step as csrc/index_math.h's linear_tap (clamp the source
-    coordinate at 0, floor, clamp the index, clamp and round the lambda)."""
+    coordinates `dst` (int32): the two input indices and their weights, step
+    for step as csrc/index_math.h's linear_tap (clamp the source coordinate
+    at 0, floor, clamp the index, clamp the lambda).
+
+    NB: weights rounded as PyTorch's upsample on the same device rounds them:
+    to `dtype` when ROUND (its CPU kernel), kept in float32 otherwise (its
+    CUDA kernel)."""
     src = scale * (dst.to(tl.float32) + 0.5) - 0.5
     src = tl.maximum(src, 0.0)
     i0 = tl.floor(src).to(tl.int32)
     i0 = tl.minimum(i0, in_size - 1)
     lam = src - i0.to(tl.float32)
     lam = tl.minimum(tl.maximum(lam, 0.0), 1.0)
-    i1 = i0 + (i0 < in_size - 1).to(tl.int32)
-    return i0, i1, round_to(1.0 - lam, dtype), round_to(lam, dtype)
+    # NB: an axis of unchanged size reads one tap (scale is exactly 1 then,
+    # and only then), as PyTorch and csrc/index_math.h do: the other tap's
+    # zero weight would turn a NaN or infinity there into NaN here.
+    i1 = tl.where(scale == 1.0, i0, i0 + (i0 < in_size - 1).to(tl.int32))
+    w0 = 1.0 - lam
+    w1 = lam
+    if ROUND:
+        w0 = to_dtype(w0, dtype).to(tl.float32)
+        w1 = to_dtype(w1, dtype).to(tl.float32)
+    return i0, i1, w0, w1
 
 
 @triton.jit
-def bilinear(plane, y, x, in_h, in_w, scale_h, scale_w, sh, sw, mask, dtype: tl.constexpr):
-    """The bilinear resize (align_corners=False) of the (in_h, in_w) plane
-    with strides (sh, sw), at output coordinates (y, x) (int32), in float32,
-    in PyTorch's order: the width pass inside, the height pass outside
-    (csrc/index_math.h's linear_mix)."""
-    y0, y1, wy0, wy1 = linear_tap(y, in_h, scale_h, dtype)
-    x0, x1, wx0, wx1 = linear_tap(x, in_w, scale_w, dtype)
-    r0 = plane + y0.to(tl.int64) * sh
-    r1 = plane + y1.to(tl.int64) * sh
-    v00 = tl.load(r0 + x0.to(tl.int64) * sw, mask=mask, other=0.0).to(tl.float32)
-    v01 = tl.load(r0 + x1.to(tl.int64) * sw, mask=mask, other=0.0).to(tl.float32)
-    v10 = tl.load(r1 + x0.to(tl.int64) * sw, mask=mask, other=0.0).to(tl.float32)
-    v11 = tl.load(r1 + x1.to(tl.int64) * sw, mask=mask, other=0.0).to(tl.float32)
+def linear_mix(v00, v01, v10, v11, wy0, wy1, wx0, wx1):
+    """The bilinear combination in PyTorch's order: the width pass inside,
+    the height pass outside (csrc/index_math.h's linear_mix)."""
     return (v00 * wx0 + v01 * wx1) * wy0 + (v10 * wx0 + v11 * wx1) * wy1
 
 
