@@ -374,8 +374,9 @@ def _convert_refiner(refiner: nn.Module, backend: str) -> None:
     if not isinstance(refiner, Refiner):
         refiner.__class__ = Refiner
     refiner.backend = backend
-    if not hasattr(refiner, "max_patches"):
-        refiner.max_patches = None
+    for name in ("max_patches", "fused"):
+        if not hasattr(refiner, name):
+            setattr(refiner, name, None)
 
 
 def accelerate(model: nn.Module, *, backend: str = "auto") -> nn.Module:

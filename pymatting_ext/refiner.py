@@ -67,6 +67,14 @@ def _py_compose(backend: str, coarse: Tensor, patches: Tensor, idx: Tensor, vali
 
 
 @torch.jit.unused
+def _py_refine_fused(src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, hid: Tensor, idx: Tensor,
+                     valid: Optional[Tensor], folded: List[Tensor], kernel_size: int, epilogue: bool) -> Tensor:
+    from ._fused import refine_sparse
+
+    return refine_sparse(src, bgr, pha, fgr, hid, idx, valid, folded, kernel_size, epilogue)
+
+
+@torch.jit.unused
 def _promote_under_autocast(*tensors: Tensor) -> List[Tensor]:
     """Under autocast the coarse maps may come in a lower precision than src:
     the ops take one dtype, the widest. (Otherwise unchanged, and mixed
@@ -166,6 +174,13 @@ class Refiner(nn.Module):
     backend is differentiable (crop, replace and compose have registered
     backward formulas), so training and gradients match upstream's.
 
+    ``max_patches`` (eval mode): patches per chunk, None for a default that
+    bounds the memory (see _chunk_size). ``fused`` (eval mode, sparse modes,
+    backend 'triton'): None runs the fused patch kernel (pymatting_ext._fused:
+    crop, the four convolutions and the write of each refined cell in one
+    kernel) wherever Triton compiles for a GPU, True also under Triton's
+    interpreter, False never.
+
     Input: src, bgr (B, 3, H, W) with H and W divisible by 4; pha (B, 1, Hc, Wc),
     fgr (B, 3, Hc, Wc), err (B, 1, Hc, Wc), hid (B, 32, Hc, Wc).
     Output: pha (B, 1, H, W), fgr (B, 3, H, W), ref (B, 1, H/4, W/4).
@@ -176,7 +191,7 @@ class Refiner(nn.Module):
     def __init__(self, mode: str, sample_pixels: int, threshold: float, kernel_size: int = 3,
                  prevent_oversampling: bool = True, patch_crop_method: str = "unfold",
                  patch_replace_method: str = "scatter_nd", *, backend: str = "auto",
-                 max_patches: Optional[int] = None):
+                 max_patches: Optional[int] = None, fused: Optional[bool] = None):
         super().__init__()
         if mode not in _MODES:
             raise ValueError(f"Refiner: mode must be one of {_MODES}, got {mode!r}")
@@ -203,8 +218,11 @@ class Refiner(nn.Module):
         self.prevent_oversampling = prevent_oversampling
         self.patch_crop_method = patch_crop_method
         self.patch_replace_method = patch_replace_method
+        if fused not in (None, True, False):
+            raise ValueError(f"Refiner: fused must be None, True or False, got {fused!r}")
         self.backend = backend
         self.max_patches = max_patches
+        self.fused = fused
 
         channels = [32, 24, 16, 12, 4]
         self.conv1 = nn.Conv2d(channels[0] + 6 + 4, channels[1], kernel_size, bias=False)
@@ -431,6 +449,10 @@ class Refiner(nn.Module):
                 valid = valid_all
         else:
             ref, idx = _select_thresholding(backend, err_q, float(self.threshold))
+        if not torch.jit.is_scripting():
+            if self._fused_ok(backend, folded, src, bgr, pha, fgr, hid):
+                out = _py_refine_fused(src, bgr, pha, fgr, hid, idx, valid, folded, self.kernel_size, epilogue)
+                return out[:, :1], out[:, 1:], ref
         coarse = torch.cat([pha, fgr], 1)
 
         P = idx.shape[0]
@@ -453,6 +475,30 @@ class Refiner(nn.Module):
         # (Under autocast the convolutions may return a lower precision.)
         out = _compose(backend, coarse, x.to(coarse.dtype), idx, valid, [H, W], src if epilogue else None)
         return out[:, :1], out[:, 1:], ref
+
+    @torch.jit.unused
+    def _fused_ok(self, backend: str, folded: List[Tensor], src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor,
+                  hid: Tensor) -> bool:
+        """Whether the sparse modes run the fused patch kernel
+        (pymatting_ext._fused): eval mode (folded weights) without autograd,
+        on the Triton backend; with fused=None only where Triton compiles
+        for a GPU, with fused=True under its interpreter too (CI's way of
+        testing it), never with fused=False."""
+        fused = getattr(self, "fused", None)
+        if fused is False or len(folded) == 0:
+            return False
+        if torch.is_grad_enabled() and any(t.requires_grad for t in [src, bgr, pha, fgr, hid] + folded):
+            if fused:
+                raise ValueError("Refiner: fused=True runs without autograd (eval inference); call it under "
+                                 "torch.no_grad() or torch.inference_mode(), or set fused=None")
+            return False
+        if backend != "triton":
+            if fused:
+                raise ValueError(f"Refiner: fused=True needs backend='triton', but the backend is {backend!r}")
+            return False
+        if folded[0].dtype != src.dtype:  # under autocast
+            return False
+        return bool(fused) or src.device.type == "cuda"
 
     #: Patches per chunk on the CPU in eval mode (see forward).
     cpu_chunk_patches = 512

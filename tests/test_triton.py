@@ -226,3 +226,40 @@ def test_select_sampling_over_several_chunks(device, backend):
 @pytest.mark.parametrize("prevent", [True, False])
 def test_refiner_triton_captured_in_a_cuda_graph(prevent):
     check_refiner_in_a_cuda_graph("triton", prevent)
+
+
+# -- the fused patch kernel through the Refiner ----------------------------------
+
+@pytest.mark.parametrize("device,backend", TRITON_CASES)
+@pytest.mark.parametrize("mode,prevent", [("sampling", True), ("sampling", False), ("thresholding", True)])
+@pytest.mark.parametrize("kernel_size", [3, 1])
+def test_fused_refiner_matches_upstream(device, backend, mode, prevent, kernel_size, monkeypatch):
+    from pymatting_ext import refiner as refiner_module
+
+    calls = []
+    real = refiner_module._py_refine_fused
+    monkeypatch.setattr(refiner_module, "_py_refine_fused", lambda *a: calls.append(1) or real(*a))
+    up = random_bn_(Upstream(mode, 16 * 60, 0.5, kernel_size, prevent)).to(device).eval()
+    ours = pm.Refiner(mode, 16 * 60, 0.5, kernel_size, prevent, backend=backend, fused=True).to(device).eval()
+    ours.load_state_dict(up.state_dict())
+    x = refiner_inputs(2, 40, 56, 10, 14, device)
+    x[4][:, :, :3] = 0  # cells of zero error: invalid with prevent_oversampling
+    with torch.no_grad():
+        want = up(*x)
+        check_outputs(want, ours(*x))
+        pha, fgr, ref = ours.forward_matting(*x)
+    assert len(calls) == 2
+    check_outputs((want[0].clamp(0, 1), (want[1] + x[0]).clamp(0, 1), want[2]), (pha, fgr, ref))
+
+
+@pytest.mark.parametrize("device,backend", TRITON_CASES)
+def test_fused_refiner_refuses_what_it_cannot_run(device, backend):
+    with pytest.raises(ValueError, match="fused=True needs backend='triton'"):
+        with torch.no_grad():
+            pm.Refiner("sampling", 64, 0.1, backend="reference", fused=True).eval()(
+                *refiner_inputs(1, 16, 16, 4, 4, device))
+    with pytest.raises(ValueError, match="fused=True runs without autograd"):
+        pm.Refiner("sampling", 64, 0.1, backend=backend, fused=True).to(device).eval()(
+            *refiner_inputs(1, 16, 16, 4, 4, device))
+    with pytest.raises(ValueError, match="fused must be None, True or False"):
+        pm.Refiner("sampling", 64, 0.1, fused="yes")
