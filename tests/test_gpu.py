@@ -40,6 +40,16 @@ def gpu_backends():
 
 
 BACKENDS = gpu_backends()
+#: The Refiner's ways on a GPU: 'triton' runs the fused patch kernel in eval
+#: mode (fused=None), 'triton-unfused' the Triton op set (fused=False).
+REFINER_BACKENDS = BACKENDS + [pytest.param("triton-unfused", marks=BACKENDS[1].marks, id="triton-unfused")]
+
+
+def refiner(mode, sample_pixels, threshold, kernel_size, prevent, backend):
+    """Our Refiner for a REFINER_BACKENDS entry."""
+    fused = False if backend == "triton-unfused" else None
+    return pm.Refiner(mode, sample_pixels, threshold, kernel_size, prevent, backend=backend.split("-")[0],
+                      fused=fused)
 
 #: (H, W, backbone_scale, sample_pixels) of upstream's speed test.
 HD = (1080, 1920, 0.25, 80_000)
@@ -48,7 +58,7 @@ UHD = (2160, 3840, 0.125, 320_000)
 
 def models(mode, sample_pixels, kernel_size, prevent, backend, dtype, threshold=0.1):
     up = random_bn_(Upstream(mode, sample_pixels, threshold, kernel_size, prevent))
-    ours = pm.Refiner(mode, sample_pixels, threshold, kernel_size, prevent, backend=backend)
+    ours = refiner(mode, sample_pixels, threshold, kernel_size, prevent, backend)
     ours.load_state_dict(up.state_dict())
     return up.cuda().to(dtype).eval(), ours.cuda().to(dtype).eval()
 
@@ -79,7 +89,7 @@ def check_tie_tolerant(up, ours, err, k, atol, mean_atol=None):
 
 # -- the Refiner against upstream at the real sizes ---------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", REFINER_BACKENDS)
 @pytest.mark.parametrize("setting", [HD, UHD], ids=["HD", "4K"])
 @pytest.mark.parametrize("B", [1, 4])
 @pytest.mark.parametrize("kernel_size", [3, 1])
@@ -100,7 +110,7 @@ def test_refiner_matches_upstream_at_real_sizes(backend, setting, B, kernel_size
         check_tie_tolerant(want, got, x[4], k, atol=5e-2, mean_atol=2e-3)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", REFINER_BACKENDS)
 @pytest.mark.parametrize("mode", ["thresholding", "full"])
 def test_refiner_other_modes_match_upstream_at_hd(backend, mode):
     H, W, scale, pixels = HD
@@ -294,11 +304,11 @@ def test_non_contiguous_idx_and_valid(backend):
 
 def hd_model_and_inputs(backend, dtype=torch.float32, prevent=True):
     H, W, scale, pixels = HD
-    model = random_bn_(pm.Refiner("sampling", pixels, 0.1, 3, prevent, backend=backend)).cuda().to(dtype).eval()
+    model = random_bn_(refiner("sampling", pixels, 0.1, 3, prevent, backend)).cuda().to(dtype).eval()
     return model, refiner_inputs(1, H, W, int(H * scale), int(W * scale), "cuda", dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", REFINER_BACKENDS)
 @pytest.mark.parametrize("prevent", [True, False])
 def test_eval_sampling_at_hd_never_synchronises(backend, prevent):
     model, x = hd_model_and_inputs(backend, prevent=prevent)
