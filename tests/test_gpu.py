@@ -378,3 +378,25 @@ def test_triton_caches_stay_flat_over_a_video():
         after = triton_cache_sizes()
     assert before[1], "no compiled Triton kernel found: compiled_variants() sees nothing"
     assert before == after, f"(side table, variants) grew from {before} to {after} over 10 frames"
+
+
+# -- whole models in one CUDA graph ------------------------------------------------
+
+@pytest.mark.parametrize("backend", REFINER_BACKENDS)
+def test_matting_refine_as_one_cuda_graph(backend):
+    from pymatting_ext.models import MattingRefine
+
+    fused = False if backend == "triton-unfused" else None
+    model = MattingRefine("mobilenetv2", 0.25, "sampling", 80_000, backend=backend.split("-")[0]).cuda().eval()
+    model.refiner.fused = fused
+    make = lambda: tuple(torch.rand(1, 3, 1080, 1920, device="cuda") for _ in range(2))
+    graphed = pm.cuda_graph(model, *make())
+    for _ in range(2):
+        x = make()
+        got = [t.clone() for t in graphed(*x)]
+        with torch.inference_mode():
+            want = model(*x)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and float((g - w).abs().max()) <= 1e-4
+    with pytest.raises(ValueError, match="capture another graph"):
+        graphed(*(torch.rand(1, 3, 720, 1280, device="cuda") for _ in range(2)))

@@ -589,3 +589,12 @@ def test_accelerated_model_checks_its_inputs():
         model(torch.rand(1, 3, 64, 96), torch.rand(1, 3, 64, 100))
     with pytest.raises(ValueError, match="model's parameters are torch.float16"):
         model.half()(torch.rand(1, 3, 64, 96), torch.rand(1, 3, 64, 96))
+
+
+def test_cuda_graph_refuses_what_it_cannot_capture():
+    model = MattingRefine("mobilenetv2", 0.125).eval()
+    x = torch.rand(1, 3, 64, 96)
+    with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors"):
+        pm.cuda_graph(model, x, x)
+    with pytest.raises(TypeError, match="must be tensors"):
+        pm.cuda_graph(model, x, x.numpy())
