@@ -74,6 +74,12 @@ def build(setting, device, dtype):
         ours = pymatting_ext.Refiner("sampling", setting["sample_pixels"], 0.1, 3, False, backend=backend).eval()
         ours.load_state_dict(up.state_dict())
         providers[f"ours ({backend})"] = ours
+        if backend == "triton" and torch.device(device).type == "cuda":
+            # On a GPU 'triton' runs the fused patch kernel; the op set too.
+            unfused = pymatting_ext.Refiner("sampling", setting["sample_pixels"], 0.1, 3, False, backend=backend,
+                                            fused=False).eval()
+            unfused.load_state_dict(up.state_dict())
+            providers["ours (triton, unfused)"] = unfused
     return {label: m.to(device=device, dtype=dtype) for label, m in providers.items()}
 
 
