@@ -31,8 +31,8 @@ C10_HOST_DEVICE inline opmath_t linear_scale(int64_t in_size, int64_t out_size) 
 // NB: this mirrors PyTorch's compute_source_index_and_lambda step by step
 // (clamp of negative source coordinates to 0, floor, clamp of the lambda) so
 // that a patch sampled here is the bit pattern F.interpolate would produce.
-// `scalar_t` is the tensor's dtype: PyTorch rounds the weights to it, which
-// matters for float16/bfloat16.
+// The weights are rounded to `scalar_t` (the CPU kernels pass the tensor's
+// dtype, as PyTorch's CPU upsample rounds them; see linear_tap_unrounded).
 template <typename scalar_t, typename opmath_t>
 C10_HOST_DEVICE inline LinearTap<opmath_t> linear_tap(
     int64_t dst, int64_t in_size, int64_t out_size, opmath_t scale) {
@@ -59,6 +59,17 @@ C10_HOST_DEVICE inline LinearTap<opmath_t> linear_tap(
   t.w1 = static_cast<opmath_t>(static_cast<scalar_t>(lambda));
   t.w0 = static_cast<opmath_t>(static_cast<scalar_t>(opmath_t(1) - lambda));
   return t;
+}
+
+// The weights are rounded as PyTorch's upsample on the same device rounds
+// them: on the CPU to the tensor's dtype (linear_tap<scalar_t, opmath_t>), on
+// CUDA not at all (upsample_bilinear2d's CUDA kernel keeps its lambdas in the
+// accumulate type). The CUDA kernels use this one; the two differ only for
+// float16 and bfloat16.
+template <typename opmath_t>
+C10_HOST_DEVICE inline LinearTap<opmath_t> linear_tap_unrounded(
+    int64_t dst, int64_t in_size, int64_t out_size, opmath_t scale) {
+  return linear_tap<opmath_t, opmath_t>(dst, in_size, out_size, scale);
 }
 
 // Bilinear combination in PyTorch's order: the width pass inside, the height

@@ -1,7 +1,8 @@
 // Helpers shared by the CUDA kernels of pymatting_ext (kernels/cuda/*.cu):
-// device checks, launch sizes, the on-device range check of idx rows and the
-// cell map of replace/compose. Everything here is internal to one
-// translation unit (anonymous namespace), so several .cu files may include it.
+// launch sizes, the on-device range check of idx rows, a fast divider, and
+// the declarations of the cell map of replace/compose (cell_map.cu). All but
+// those declarations are internal to each translation unit (anonymous
+// namespace), so several .cu files may include this.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,14 +12,26 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
-#include <limits>
-#include <type_traits>
+#include <cstring>
 
 #include "checks.h"
 #include "index_math.h"
 
 namespace pymatting_ext {
 namespace cuda {
+
+// The (B * HC * WC,) int32 cell map of replace and compose: the last valid
+// patch naming each cell, or -1. Built on the current stream without
+// synchronising; idx_c must be contiguous.
+at::Tensor cell_map(const char* op, const at::Tensor& idx_c, const c10::optional<at::Tensor>& valid,
+                    int64_t B, int64_t HC, int64_t WC);
+
+// With idx rows but an empty B x HC x WC grid (B = 0) every row is out of
+// range, as the host can tell: raises the CPU kernels' message for the first
+// row (copying that row to the host, a synchronisation on this error path
+// only). Every other bad row is caught on the device (idx_row_ok).
+void check_idx_grid(const char* op, const at::Tensor& idx_c, int64_t B, int64_t HC, int64_t WC);
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -32,32 +45,6 @@ inline int64_t blocks_for(int64_t n, int threads = kThreads) {
   return need < cap ? need : cap;
 }
 
-// True when every index below n fits int32 arithmetic (with room for the
-// grid-stride step).
-inline bool fits_int32(int64_t n) {
-  return n < (int64_t(1) << 30);
-}
-
-// Calls launch(index_tag, flag_tag) for the kernel variant a launch needs:
-// index_tag int32_t{} when every index fits int32 (small), else int64_t{};
-// flag_tag std::true_type{} or std::false_type{}.
-template <typename Launch>
-inline void launch_variant(bool small, bool flag, Launch&& launch) {
-  if (small) {
-    if (flag) {
-      launch(int32_t{}, std::true_type{});
-    } else {
-      launch(int32_t{}, std::false_type{});
-    }
-  } else {
-    if (flag) {
-      launch(int64_t{}, std::true_type{});
-    } else {
-      launch(int64_t{}, std::false_type{});
-    }
-  }
-}
-
 // An idx row (b, y, x) inside a grid of B x HC x WC cells. Out-of-range rows
 // stop the kernel with a device-side assertion (as PyTorch's index kernels
 // do); the callers never read or write through a row that fails this, even
@@ -67,51 +54,6 @@ __device__ __forceinline__ bool idx_row_ok(int64_t b, int64_t y, int64_t x, int6
   const bool ok = b >= 0 && b < B && y >= 0 && y < HC && x >= 0 && x < WC;
   CUDA_KERNEL_ASSERT_MSG(ok, "pymatting_ext: an idx row (b, y, x) is out of range for the cell grid");
   return ok;
-}
-
-// map[(b * HC + y) * WC + x] = the largest valid p naming the cell: the last
-// valid patch, as a sequential scatter would leave it. Integer atomicMax is
-// order-independent, so the map is deterministic.
-__global__ void cell_map_kernel(int32_t* __restrict__ map, const int64_t* __restrict__ idx,
-                                const bool* __restrict__ valid, int64_t P, int64_t B, int64_t HC,
-                                int64_t WC) {
-  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < P;
-       p += int64_t(gridDim.x) * blockDim.x) {
-    // NB: every row is range-checked, valid or not, as on the CPU.
-    const int64_t b = idx[3 * p], y = idx[3 * p + 1], x = idx[3 * p + 2];
-    if (!idx_row_ok(b, y, x, B, HC, WC) || (valid != nullptr && !valid[p])) {
-      continue;
-    }
-    atomicMax(map + (b * HC + y) * WC + x, static_cast<int32_t>(p));
-  }
-}
-
-// The (B * HC * WC,) int32 cell map of replace and compose, built on the
-// current stream without synchronising. idx_c must be contiguous.
-inline at::Tensor cell_map(const char* op, const at::Tensor& idx_c,
-                           const c10::optional<at::Tensor>& valid, int64_t B, int64_t HC,
-                           int64_t WC) {
-  const int64_t P = idx_c.size(0);
-  TORCH_CHECK(P < INT32_MAX, op, ": at most 2^31 - 1 patches are supported, got ", P);
-  const int64_t cells = B * HC * WC;
-  // NB: with no cells at all every row is out of range; that much is known
-  // on the host.
-  TORCH_CHECK(P == 0 || cells > 0, op, ": idx has ", P, " rows but the grid of B=", B, ", H=", HC,
-              ", W=", WC, " cells is empty");
-  at::Tensor map = at::full({cells}, -1, idx_c.options().dtype(at::kInt));
-  if (P == 0) {
-    return map;
-  }
-  at::Tensor valid_c;
-  const bool* v = nullptr;
-  if (valid.has_value()) {
-    valid_c = valid->contiguous();
-    v = valid_c.data_ptr<bool>();
-  }
-  cell_map_kernel<<<blocks_for(P), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      map.data_ptr<int32_t>(), idx_c.data_ptr<int64_t>(), v, P, B, HC, WC);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return map;
 }
 
 // Four strides of a 4-D tensor, passed to kernels by value.
@@ -132,6 +74,99 @@ __device__ __forceinline__ T clamp01(T v) {
 template <typename T, int N>
 struct alignas(sizeof(T) * N) VecN {
   T v[N];
+};
+
+template <int kBytes>
+struct RawBits;
+template <>
+struct RawBits<2> {
+  using type = unsigned short;
+};
+template <>
+struct RawBits<4> {
+  using type = unsigned int;
+};
+template <>
+struct RawBits<8> {
+  using type = uint2;
+};
+template <>
+struct RawBits<16> {
+  using type = uint4;
+};
+
+// *p = bits: one store of 16 or 8 bytes to global memory (p aligned).
+// NB: nvcc splits a plain store of a 16-byte struct into scalar stores once
+// it has broken the struct into registers; this is one st.global.v4 (v2)
+// whatever the optimiser did before. (__stwb would do too, but becomes a
+// "strong" store.)
+__device__ __forceinline__ void store_bits(void* p, const uint4& b) {
+  asm("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(b.x), "r"(b.y), "r"(b.z), "r"(b.w)
+      : "memory");
+}
+__device__ __forceinline__ void store_bits(void* p, const uint2& b) {
+  asm("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(b.x), "r"(b.y) : "memory");
+}
+__device__ __forceinline__ void store_bits(void* p, const unsigned int& b) {
+  *reinterpret_cast<unsigned int*>(p) = b;
+}
+__device__ __forceinline__ void store_bits(void* p, const unsigned short& b) {
+  *reinterpret_cast<unsigned short*>(p) = b;
+}
+
+// *p = v as one store of sizeof(v) bytes (p in global memory, aligned).
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* p, const VecN<T, N>& v) {
+  if constexpr (N == 1) {
+    *p = v.v[0];
+  } else {
+    using R = typename RawBits<sizeof(T) * N>::type;
+    R r;
+    memcpy(&r, &v, sizeof(R));
+    store_bits(p, r);
+  }
+}
+
+// n / d for n >= 0 and d >= 1, by a multiply-high, an add and a shift where
+// n, d < 2^31 (Granlund and Montgomery's round-up method, the 33rd bit of
+// the magic number folded into the add), else by a 64-bit division. The
+// magic number is computed once on the host; a runtime 32-bit division costs
+// ~20 instructions, a 64-bit one several times that.
+struct FastDiv {
+  int64_t d = 1;
+  int64_t fast_below = 0;  // n below this take the multiply-high
+  uint32_t magic = 0, shift = 0;
+
+  FastDiv() = default;
+  explicit FastDiv(int64_t divisor) : d(divisor) {
+    TORCH_INTERNAL_ASSERT(divisor >= 1);
+    if (divisor >= (int64_t(1) << 31)) {
+      return;
+    }
+    fast_below = int64_t(1) << 31;
+    while ((int64_t(1) << shift) < divisor) {
+      ++shift;
+    }
+    // d <= 2^shift < 2d, so the quotient below is < 2^32 - 1.
+    magic = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - uint64_t(d))) /
+                                      uint64_t(d) +
+                                  1);
+  }
+
+  // Needs n < fast_below.
+  __host__ __device__ __forceinline__ uint32_t div(uint32_t n) const {
+#ifdef __CUDA_ARCH__
+    const uint32_t t = __umulhi(n, magic);
+#else
+    const uint32_t t = static_cast<uint32_t>((uint64_t(n) * magic) >> 32);
+#endif
+    // t <= n < 2^31: the sum does not overflow.
+    return (t + n) >> shift;
+  }
+
+  __host__ __device__ __forceinline__ int64_t div64(int64_t n) const {
+    return n < fast_below ? int64_t(div(static_cast<uint32_t>(n))) : n / d;
+  }
 };
 
 }  // namespace

@@ -1,15 +1,17 @@
 // CUDA kernels of select_sampling and select_thresholding.
 //
-// select_sampling is a radix select over order keys (csrc/index_math.h): one
-// histogram launch per 8-bit digit, most significant first, each counting
-// the digits of the keys that match the digits chosen so far; every block
-// re-derives the chosen digits from the earlier histograms itself, so there
-// is no host round trip and no extra launch per pass. A count launch then
-// tallies, per block, the keys above the k-th largest and the ties with it,
-// and a write launch emits exactly k rows per image in row-major order
-// (block-wide scans, the running count carried from tile to tile). Nothing
-// is sorted and nothing synchronises with the host, so the op can be
-// captured in a CUDA graph. Integer atomics only: deterministic.
+// select_sampling is a radix select over order keys (csrc/index_math.h; 16
+// bits for float16/bfloat16, see key_of): one histogram launch per 8-bit
+// digit, most significant first, each counting the digits of the keys that
+// match the digits chosen so far; every block re-derives the chosen digits
+// from the earlier histograms itself, so there is no host round trip and no
+// extra launch per pass. A count launch then tallies, per block, the keys
+// above the k-th largest and the ties with it, and a write launch emits
+// exactly k rows per image in row-major order (block-wide scans, the running
+// count carried from tile to tile) and every element of ref. Images go in
+// slices of at most kSliceImages, whose scratch is reused from slice to
+// slice. Nothing is sorted and nothing synchronises with the host, so the op
+// can be captured in a CUDA graph. Integer atomics only: deterministic.
 //
 // select_thresholding writes ref and per-tile counts, scans the counts, reads
 // the total (its one synchronisation: the output size), then writes idx.
@@ -33,19 +35,48 @@ constexpr int kSelThreads = 256;
 constexpr int kSelItems = 8;
 constexpr int kSelTile = kSelThreads * kSelItems;
 constexpr int kBins = 256;  // 8-bit digits
-// gridDim.y limit: larger batches are launched in slices.
-constexpr int64_t kMaxGridY = 65535;
+// Images per launch (gridDim.y): slices keep the scratch (histograms and
+// counts, ~8 KB an image for float32) bounded however large the batch.
+constexpr int64_t kSliceImages = 4096;
+static_assert(kSliceImages <= 65535, "gridDim.y limit");
 
 using ull = unsigned long long;
 static_assert(kSelThreads == kBins, "one thread per histogram bin");
 
 template <typename scalar_t>
-using key_type = std::conditional_t<std::is_same_v<at::opmath_type<scalar_t>, double>, uint64_t, uint32_t>;
+using key_type = std::conditional_t<
+    std::is_same_v<scalar_t, double>, uint64_t,
+    std::conditional_t<std::is_same_v<scalar_t, float>, uint32_t, uint16_t>>;
 
 template <typename scalar_t>
 __device__ __forceinline__ key_type<scalar_t> key_of(scalar_t v) {
-  // NB: float16/bfloat16 are widened to float first; the order is kept.
-  return order_key(static_cast<at::opmath_type<scalar_t>>(v));
+  return order_key(v);
+}
+
+// NB: float16/bfloat16 keys come from the 16 bits themselves, by order_key's
+// rule on 16 bits (NaN above all, -0 equal to +0, negatives reversed). The
+// widening to float that the CPU kernel keys on is exact and monotonic, so
+// these keys order and tie exactly as its 32-bit keys do (for bfloat16 they
+// are those keys' top halves), in two digit passes instead of four.
+// `inf` is the bit pattern of +infinity; above it (sign aside) is NaN.
+__device__ __forceinline__ uint16_t order_key16(uint16_t u, uint16_t inf) {
+  if ((u & 0x7FFFu) > inf) {
+    return 0xFFFFu;
+  }
+  if ((u & 0x7FFFu) == 0) {
+    u = 0;
+  }
+  return (u & 0x8000u) ? static_cast<uint16_t>(~u) : static_cast<uint16_t>(u | 0x8000u);
+}
+
+template <>
+__device__ __forceinline__ uint16_t key_of<c10::Half>(c10::Half v) {
+  return order_key16(v.x, 0x7C00u);
+}
+
+template <>
+__device__ __forceinline__ uint16_t key_of<c10::BFloat16>(c10::BFloat16 v) {
+  return order_key16(v.x, 0x7F80u);
 }
 
 template <typename key_t>
@@ -100,7 +131,7 @@ __global__ void __launch_bounds__(kSelThreads)
   constexpr int kPasses = sizeof(key_t);
   constexpr int kKeyBits = 8 * sizeof(key_t);
   const int64_t b = b0 + blockIdx.y;
-  ull* hist_b = hist + b * kPasses * kBins;
+  ull* hist_b = hist + int64_t(blockIdx.y) * kPasses * kBins;  // the slice's scratch
   __shared__ RadixState<key_t> st;
   __shared__ unsigned int local[kBins];
   local[threadIdx.x] = 0;
@@ -154,7 +185,8 @@ __global__ void __launch_bounds__(kSelThreads)
   __shared__ typename Reduce::TempStorage reduce_tmp;
   __shared__ RadixState<key_t> st;
   const int64_t b = b0 + blockIdx.y;
-  resolve_state<key_t>(hist + b * kPasses * kBins, kPasses, static_cast<ull>(k), st);
+  resolve_state<key_t>(hist + int64_t(blockIdx.y) * kPasses * kBins, kPasses, static_cast<ull>(k),
+                       st);
   const key_t kth = st.prefix;
   const scalar_t* src = err + b * N;
   const int64_t begin = blockIdx.x * chunk;
@@ -167,16 +199,16 @@ __global__ void __launch_bounds__(kSelThreads)
   }
   const ull total = Reduce(reduce_tmp).Sum(packed);
   if (threadIdx.x == 0) {
-    int64_t* out = counts + (b * gridDim.x + blockIdx.x) * 2;
+    int64_t* out = counts + (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * 2;
     out[0] = static_cast<int64_t>(total >> 32);
     out[1] = static_cast<int64_t>(total & 0xFFFFFFFFull);
   }
 }
 
-// Writes the selected rows of the block's chunk: row j of image b is the
-// j-th selected cell in row-major order, where a cell is selected when its
-// key is above the k-th largest, or equal to it and among the first
-// (k - above) such cells.
+// Writes the selected rows of the block's chunk and every element of ref
+// there: row j of image b is the j-th selected cell in row-major order,
+// where a cell is selected when its key is above the k-th largest, or equal
+// to it and among the first (k - above) such cells.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kSelThreads)
     radix_write_kernel(const scalar_t* __restrict__ err, const ull* __restrict__ hist,
@@ -195,12 +227,13 @@ __global__ void __launch_bounds__(kSelThreads)
   __shared__ RadixState<key_t> st;
   __shared__ int64_t start[2];
   const int64_t b = b0 + blockIdx.y;
-  resolve_state<key_t>(hist + b * kPasses * kBins, kPasses, static_cast<ull>(k), st);
+  resolve_state<key_t>(hist + int64_t(blockIdx.y) * kPasses * kBins, kPasses, static_cast<ull>(k),
+                       st);
   const key_t kth = st.prefix;
   const int64_t ties_needed = static_cast<int64_t>(st.k_rem);
 
   // Keys above and ties in the chunks before this block's.
-  const int64_t* cb = counts + b * gridDim.x * 2;
+  const int64_t* cb = counts + int64_t(blockIdx.y) * gridDim.x * 2;
   int64_t above0 = 0, ties0 = 0;
   for (int64_t g = threadIdx.x; g < blockIdx.x; g += kSelThreads) {
     above0 += cb[2 * g];
@@ -225,17 +258,17 @@ __global__ void __launch_bounds__(kSelThreads)
   for (int64_t base = begin; base < end; base += kSelTile) {
     // Blocked: thread t holds the kSelItems consecutive cells from
     // base + t * kSelItems, so a scan over threads is in row-major order.
-    opmath_t vals[kSelItems];
+    bool positive[kSelItems];
     unsigned char flag[kSelItems];  // 2: above, 1: tie, 0: neither
     ull packed = 0;
 #pragma unroll
     for (int j = 0; j < kSelItems; ++j) {
       const int64_t i = base + static_cast<int64_t>(threadIdx.x) * kSelItems + j;
       flag[j] = 0;
-      vals[j] = opmath_t(0);
+      positive[j] = false;
       if (i < end) {
         const scalar_t v = src[i];
-        vals[j] = static_cast<opmath_t>(v);
+        positive[j] = static_cast<opmath_t>(v) > opmath_t(0);
         const key_t key = key_of(v);
         flag[j] = key > kth ? 2 : (key == kth ? 1 : 0);
       }
@@ -247,17 +280,18 @@ __global__ void __launch_bounds__(kSelThreads)
     int64_t t = carry_ties + static_cast<int64_t>(before & 0xFFFFFFFFull);
 #pragma unroll
     for (int j = 0; j < kSelItems; ++j) {
+      const int64_t i = base + static_cast<int64_t>(threadIdx.x) * kSelItems + j;
+      bool one = false;
       if (flag[j] != 0) {
         if (flag[j] == 2 || t < ties_needed) {
           const int64_t pos = a + (t < ties_needed ? t : ties_needed);
           if (pos < k) {  // always true; never write out of bounds regardless
-            const int64_t i = base + static_cast<int64_t>(threadIdx.x) * kSelItems + j;
-            const bool ok = !prevent_oversampling || vals[j] > opmath_t(0);
+            const bool ok = !prevent_oversampling || positive[j];
             idx_b[3 * pos] = b;
             idx_b[3 * pos + 1] = i / W;
             idx_b[3 * pos + 2] = i % W;
             valid_b[pos] = ok;
-            ref_b[i] = ok ? scalar_t(1) : scalar_t(0);
+            one = ok;
           }
         }
         if (flag[j] == 2) {
@@ -265,6 +299,10 @@ __global__ void __launch_bounds__(kSelThreads)
         } else {
           ++t;
         }
+      }
+      // NB: every cell, selected or not: ref is not zeroed beforehand.
+      if (i < end) {
+        ref_b[i] = one ? scalar_t(1) : scalar_t(0);
       }
     }
     carry_above += static_cast<int64_t>(tile_total >> 32);
@@ -285,12 +323,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_sampling_cuda(const at::Te
   // NB: asking for more cells than there are selects all of them, where
   // upstream's topk raised.
   k = std::min(k, N);
-  at::Tensor ref = at::zeros_like(e);
   at::Tensor idx = at::empty({B * k, 3}, e.options().dtype(at::kLong));
   at::Tensor valid = at::empty({B * k}, e.options().dtype(at::kBool));
   if (B * k == 0) {
-    return {ref, idx, valid};
+    return {at::zeros_like(e), idx, valid};
   }
+  // Written in full by the write kernel.
+  at::Tensor ref = at::empty_like(e);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // Blocks per image: about two waves over the device for the whole batch,
   // each block a whole number of tiles, and fewer than 2^31 keys a block.
@@ -306,13 +345,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_sampling_cuda(const at::Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "select_sampling_cuda", [&] {
     using key_t = key_type<scalar_t>;
     constexpr int kPasses = sizeof(key_t);
-    at::Tensor hist = at::zeros({B, kPasses, kBins}, e.options().dtype(at::kLong));
-    at::Tensor counts = at::empty({B, G, 2}, e.options().dtype(at::kLong));
+    const int64_t S = std::min(B, kSliceImages);
+    at::Tensor hist = at::empty({S, kPasses, kBins}, e.options().dtype(at::kLong));
+    at::Tensor counts = at::empty({S, G, 2}, e.options().dtype(at::kLong));
     const scalar_t* src = e.data_ptr<scalar_t>();
     ull* hist_p = reinterpret_cast<ull*>(hist.data_ptr<int64_t>());
     int64_t* counts_p = counts.data_ptr<int64_t>();
-    for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {
-      const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(std::min(B - b0, kMaxGridY)));
+    for (int64_t b0 = 0; b0 < B; b0 += S) {
+      // Stream-ordered after the previous slice's kernels, which are done
+      // with it; counts is overwritten in full.
+      hist.zero_();
+      const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(std::min(B - b0, S)));
       for (int pass = 0; pass < kPasses; ++pass) {
         radix_histogram_kernel<scalar_t><<<grid, kSelThreads, 0, stream>>>(src, hist_p, N, chunk, k,
                                                                            pass, b0);
