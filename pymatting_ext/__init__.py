@@ -16,6 +16,7 @@ from . import ops, reference
 from .ops import compose, crop, crop_into, replace, select_sampling, select_thresholding
 from .refiner import Refiner
 from .models import MattingBase, MattingRefine, accelerate
+from .graphs import cuda_graph
 
 if _extension.available():
     from . import _autograd, _meta
@@ -26,7 +27,7 @@ else:
 
 __version__ = "0.1.0"
 
-__all__ = ["Refiner", "MattingBase", "MattingRefine", "accelerate",
+__all__ = ["Refiner", "MattingBase", "MattingRefine", "accelerate", "cuda_graph",
            "ops", "reference", "select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose",
            "BACKENDS", "build_info", "extension_available", "library_path"]
 
