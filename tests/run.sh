@@ -12,7 +12,7 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
-"$PY" -m pip install -q ninja pybind11 pytest "backgroundmattingv2==1.0"
+"$PY" -m pip install -q ninja pybind11 pytest hypothesis "backgroundmattingv2==1.0"
 # Triton comes with torch's CUDA wheels; install it only where it is missing
 # (an unpinned install next to torch's pinned one could replace it).
 "$PY" -c "import triton" 2>/dev/null || "$PY" -m pip install -q triton
