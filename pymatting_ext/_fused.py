@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ._backend import TRITON_DTYPES, triton_interpreting, triton_status
+from .refiner import check_images
 
 __all__ = ["refine_sparse"]
 
@@ -56,32 +57,9 @@ def _check(src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, hid: Tensor, idx:
     """Shapes, dtypes and devices (never values: no synchronisation); a
     ValueError naming the argument."""
     op = _OP
-    named = (("src", src), ("bgr", bgr), ("pha", pha), ("fgr", fgr), ("hid", hid))
-    for name, t in named + (("idx", idx),):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    for name, t in named:
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
-    B, _, H, W = src.shape
-    Hc, Wc = pha.shape[2], pha.shape[3]
-    expected = {"src": (B, 3, H, W), "bgr": (B, 3, H, W), "pha": (B, 1, Hc, Wc), "fgr": (B, 3, Hc, Wc),
-                "hid": (B, 32, Hc, Wc)}
-    for name, t in named:
-        if tuple(t.shape) != expected[name]:
-            raise ValueError(f"{op}: {name} must have shape {expected[name]} (B, H, W from src, Hc, Wc from pha), "
-                             f"got {tuple(t.shape)}")
-    if H % 4 or W % 4 or H == 0 or W == 0:
-        raise ValueError(f"{op}: src's height and width must be positive multiples of 4, got {(H, W)}")
-    if Hc == 0 or Wc == 0:
-        raise ValueError(f"{op}: pha, fgr and hid must not be empty, got pha of shape {tuple(pha.shape)}")
-    if src.dtype not in TRITON_DTYPES:
-        raise ValueError(f"{op}: src must be float32, float16 or bfloat16, got {src.dtype}")
-    for name, t in named[1:]:
-        if t.device != src.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but src is on {src.device}")
-        if t.dtype != src.dtype:
-            raise ValueError(f"{op}: {name} has dtype {t.dtype} but src has {src.dtype}")
+    check_images(op, (("src", src), ("bgr", bgr), ("pha", pha), ("fgr", fgr), ("hid", hid)), TRITON_DTYPES)
+    if not isinstance(idx, Tensor):
+        raise TypeError(f"{op}: idx must be a Tensor, got {type(idx).__name__}")
     if src.device.type != "cuda" and not (src.device.type == "cpu" and triton_interpreting()):
         raise ValueError(f"{op}: the fused refiner runs on CUDA tensors (CPU tensors only under Triton's "
                          f"interpreter, TRITON_INTERPRET=1), but src is on {src.device}")
