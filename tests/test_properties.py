@@ -100,15 +100,21 @@ ATOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bf
 
 # -- selects -------------------------------------------------------------------
 
+@st.composite
+def err_maps(draw, backend):
+    """(B, 1, H, W) error maps: B from 0, any layout, a dtype `backend` takes."""
+    B, H, W = draw(st.integers(0, 3)), draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    dtype = draw(dtypes(backend))
+    return draw(layout(draw(values((B, 1, H, W), dtype))))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_select_sampling_property(backend):
     @budget(backend)
     @given(st.data())
     def run(data):
-        B, H, W = data.draw(st.integers(0, 3)), data.draw(st.integers(1, 12)), data.draw(st.integers(1, 12))
-        dtype = data.draw(dtypes(backend))
-        err = data.draw(layout(data.draw(values((B, 1, H, W), dtype))))
-        k = data.draw(st.integers(0, H * W + 3))
+        err = data.draw(err_maps(backend))
+        k = data.draw(st.integers(0, err.shape[2] * err.shape[3] + 3))
         prevent = data.draw(st.booleans())
         got = pm.select_sampling(err, k, prevent, backend=backend)
         want = reference.select_sampling(err.contiguous(), k, prevent)
@@ -122,9 +128,7 @@ def test_select_thresholding_property(backend):
     @budget(backend)
     @given(st.data())
     def run(data):
-        B, H, W = data.draw(st.integers(0, 3)), data.draw(st.integers(1, 12)), data.draw(st.integers(1, 12))
-        dtype = data.draw(dtypes(backend))
-        err = data.draw(layout(data.draw(values((B, 1, H, W), dtype))))
+        err = data.draw(err_maps(backend))
         threshold = data.draw(st.one_of(st.floats(-2, 3, allow_nan=False), st.sampled_from([0.0, -0.0, 1.0])))
         got = pm.select_thresholding(err, threshold, backend=backend)
         want = reference.select_thresholding(err.contiguous(), threshold)
