@@ -114,3 +114,33 @@ def check_refiner_in_a_cuda_graph(backend, prevent, size=(2, 256, 384, 64, 96), 
             bound = 1e-5 * max(1.0, float(e.abs().max()))
             assert float((c - e).abs().max()) <= bound, name
             assert float((e - r).abs().max()) <= bound, f"{name} vs reference"
+
+
+def op_calls(backend, device="cpu", seed=0):
+    """{op name: a function calling pymatting_ext.ops.run_<op> on `backend`
+    with fixed random inputs on `device` (from `seed`) and returning its
+    outputs as a tuple}: every op, crop_into writing into a fresh buffer."""
+    import pymatting_ext as pm
+    from pymatting_ext import reference
+
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.rand(*s, generator=g).to(device)
+    err = r(2, 1, 30, 40)
+    _, idx, valid = reference.select_sampling(err, 200, True)
+    hid, src = r(2, 8, 15, 20), r(2, 3, 120, 160)
+    coarse, x, patches = r(2, 4, 30, 40), r(2, 4, 120, 160), r(idx.shape[0], 4, 4, 4)
+    ops = pm.ops
+
+    def crop_into():
+        out = torch.zeros(idx.shape[0], 10, 8, 8, device=device).contiguous(memory_format=torch.channels_last)
+        ops.run_crop_into(backend, [src], idx, 4, 2, (120, 160), 7, out)
+        return (out,)
+
+    return {
+        "select_sampling": lambda: tuple(ops.run_select_sampling(backend, err, 200, True)),
+        "select_thresholding": lambda: tuple(ops.run_select_thresholding(backend, err, 0.5)),
+        "crop": lambda: (ops.run_crop(backend, [hid, src], idx, 2, 3, (60, 80)),),
+        "crop_into": crop_into,
+        "replace": lambda: (ops.run_replace(backend, x, patches, idx, valid),),
+        "compose": lambda: (ops.run_compose(backend, coarse, patches, idx, valid, (120, 160), src),),
+    }

@@ -8,30 +8,11 @@ import pytest
 import torch
 
 import pymatting_ext as pm
-from pymatting_ext import reference
 
 from conftest import compiled_backends
-from helpers import random_bn_, refiner_inputs
+from helpers import op_calls, random_bn_, refiner_inputs
 
 BACKENDS = compiled_backends("cpu") + ["reference"]
-
-
-def op_calls(backend, seed):
-    """Each op on its own random inputs, as closures returning a tuple."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.rand(*s, generator=g)
-    err = r(2, 1, 30, 40)
-    _, idx, valid = reference.select_sampling(err, 200, True)
-    hid, src = r(2, 8, 15, 20), r(2, 3, 120, 160)
-    coarse, x, patches = r(2, 4, 30, 40), r(2, 4, 120, 160), r(idx.shape[0], 4, 4, 4)
-    ops = pm.ops
-    return [
-        lambda: ops.run_select_sampling(backend, err, 200, True),
-        lambda: ops.run_select_thresholding(backend, err, 0.5),
-        lambda: (ops.run_crop(backend, [hid, src], idx, 2, 3, (60, 80)),),
-        lambda: (ops.run_replace(backend, x, patches, idx, valid),),
-        lambda: (ops.run_compose(backend, coarse, patches, idx, valid, (120, 160), src),),
-    ]
 
 
 def model_and_inputs(backend, mode="sampling"):
@@ -45,7 +26,7 @@ def equal_all(a, b):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_repeated_calls_are_bit_identical(backend):
-    for call in op_calls(backend, 0):
+    for call in op_calls(backend).values():
         first = call()
         for _ in range(4):
             assert equal_all(first, call())
@@ -61,7 +42,7 @@ def test_repeated_calls_are_bit_identical(backend):
 def test_four_threads_give_the_single_threaded_results(backend):
     # (The Triton interpreter is not thread-safe, and Triton on a GPU runs
     # from one thread per stream in practice: not tested here.)
-    calls = [op_calls(backend, seed) for seed in range(4)]
+    calls = [list(op_calls(backend, seed=seed).values()) for seed in range(4)]
     want = [[c() for c in cs] for cs in calls]
     model, _ = model_and_inputs(backend)
     inputs = [refiner_inputs(2, 120, 164, 30, 41) for _ in range(4)]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import pymatting_ext as pm
 from pymatting_ext import _backend, reference
 
-from helpers import check_refiner_in_a_cuda_graph, quarter_err, random_bn_, refiner_inputs
+from helpers import check_refiner_in_a_cuda_graph, op_calls, quarter_err, random_bn_, refiner_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -125,46 +125,19 @@ def test_refiner_other_modes_match_upstream_at_hd(backend, mode):
 
 # -- streams -------------------------------------------------------------------
 
-def op_calls(backend):
-    """Each op on small random inputs, as closures returning its outputs."""
-    g = lambda *s: torch.rand(*s, device="cuda")
-    err = g(2, 1, 60, 70)
-    _, idx, valid = reference.select_sampling(err, 300, True)
-    hid, src = g(2, 8, 30, 35), g(2, 3, 240, 280)
-    coarse, x, patches = g(2, 4, 60, 70), g(2, 4, 240, 280), g(600, 4, 4, 4)
-    buf = torch.zeros(600, 10, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
-
-    def into():
-        pm.ops.run_crop_into(backend, [src], idx, 4, 2, (240, 280), 7, buf)
-        return buf
-
-    return {
-        "select_sampling": lambda: pm.ops.run_select_sampling(backend, err, 300, True),
-        "select_thresholding": lambda: pm.ops.run_select_thresholding(backend, err, 0.5),
-        "crop": lambda: pm.ops.run_crop(backend, [hid, src], idx, 2, 3, (120, 140)),
-        "crop_into": into,
-        "replace": lambda: pm.ops.run_replace(backend, x, patches, idx, valid),
-        "compose": lambda: pm.ops.run_compose(backend, coarse, patches, idx, valid, (240, 280), src),
-    }
-
-
-def as_tuple(out):
-    return out if isinstance(out, tuple) else (out,)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_op_runs_on_the_current_stream(backend):
     # The default stream is kept busy; each op launched on a side stream must
     # finish there, without waiting for the default stream, and read and
     # write nothing the default stream has not finished with.
-    for name, call in op_calls(backend).items():
-        want = [t.clone() for t in as_tuple(call())]
+    for name, call in op_calls(backend, "cuda").items():
+        want = [t.clone() for t in call()]
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         main = torch.cuda.current_stream()
         torch.cuda._sleep(200_000_000)  # ~0.1 s on the default stream
         with torch.cuda.stream(side):
-            got = [t.clone() for t in as_tuple(call())]
+            got = [t.clone() for t in call()]
         side.synchronize()
         assert not main.query(), f"{name}: the op waited for the default stream"
         for g, w in zip(got, want):
@@ -338,10 +311,10 @@ def test_refiner_is_deterministic(backend, dtype):
         for _ in range(5):
             for a, b in zip(first, model(*x)):
                 assert torch.equal(a, b)
-    for name, call in op_calls(backend).items():
-        first = [t.clone() for t in as_tuple(call())]
+    for name, call in op_calls(backend, "cuda").items():
+        first = [t.clone() for t in call()]
         for _ in range(5):
-            for a, b in zip(first, as_tuple(call())):
+            for a, b in zip(first, call()):
                 assert torch.equal(a, b), name
 
 
