@@ -9,8 +9,24 @@ found; no GPU is needed to build them. Environment variables:
   PYMATTING_EXT_CUDA=0|1       force the CUDA sources off / on
   TORCH_CUDA_ARCH_LIST         architectures (default: 7.5;8.0;9.0+PTX)
   MAX_JOBS                     parallel compile jobs (torch's variable)
+  PYMATTING_EXT_REUSE=0        always compile (see below)
+
+The extension is compiled only when needed: setup.py records a hash of
+everything that goes into it (the C++/CUDA sources and headers, the compiler
+flags, torch's version, the toolkit, the Python ABI) in
+pymatting_ext/_build_config.py, and when an installed pymatting_ext (outside
+this source tree, in the environment that runs the build) holds an
+extension with the same hash, copies that file instead of compiling it. The
+Python files are installed from the checkout either way. Without an
+installed match, ninja still skips the objects under build/ that are up to
+date.
 """
+import ast
+import ctypes
 import glob
+import hashlib
+import importlib.machinery
+import json
 import os
 import shlex
 import shutil
@@ -22,6 +38,10 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"
+
+#: The extras; tests/run.sh and benchmarks/run.sh install the same lists.
+CLI_REQUIRES = ["torchvision", "av", "tqdm", "pillow", "matplotlib", "numpy"]
+EXPORT_REQUIRES = ["onnx", "onnxruntime", "onnxscript"]
 
 
 def _nvcc_root(nvcc):
@@ -104,6 +124,77 @@ def libstdcxx_link_args(cxx):
     return []
 
 
+#: Headers the compiled sources may include (relative globs), without and
+#: with the CUDA sources.
+HEADERS = ("csrc/**/*.h", "csrc/**/*.hpp")
+CUDA_HEADERS = ("kernels/cuda/**/*.cuh", "kernels/cuda/**/*.h")
+
+
+def extension_hash(sources, with_cuda, settings):
+    """sha256 of the extension's inputs: the compiled sources and every header
+    they may include (path and contents), and the build settings (flags,
+    torch, toolkit, Python ABI)."""
+    digest = hashlib.sha256()
+    patterns = HEADERS + (CUDA_HEADERS if with_cuda else ())
+    files = sorted({os.path.relpath(os.path.join(ROOT, f), ROOT) for f in sources}
+                   | {os.path.relpath(f, ROOT) for pattern in patterns
+                      for f in glob.glob(os.path.join(ROOT, pattern), recursive=True)})
+    for rel in files:
+        digest.update(rel.replace(os.sep, "/").encode() + b"\0")
+        with open(os.path.join(ROOT, rel), "rb") as f:
+            digest.update(hashlib.sha256(f.read()).digest())
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def installed_extension():
+    """(path of _C, its recorded build config) of a pymatting_ext installed
+    outside this source tree, or (None, None)."""
+    here = {os.path.realpath(ROOT), os.path.realpath(os.getcwd())}
+    path = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p) not in here]
+    spec = importlib.machinery.PathFinder.find_spec("pymatting_ext", path)
+    if spec is None or not spec.submodule_search_locations:
+        return None, None
+    folder = list(spec.submodule_search_locations)[0]
+    if os.path.realpath(folder).startswith(os.path.realpath(ROOT) + os.sep):
+        return None, None
+    library = os.path.join(folder, "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    try:
+        with open(os.path.join(folder, "_build_config.py")) as f:
+            tree = ast.parse(f.read())
+        config = next(ast.literal_eval(node.value) for node in tree.body
+                      if isinstance(node, ast.Assign) and node.targets[0].id == "BUILD_CONFIG")
+    except (OSError, SyntaxError, ValueError, StopIteration, AttributeError):
+        return None, None
+    return (library if os.path.isfile(library) else None), config
+
+
+def reusable_extension(ext_hash):
+    """The installed extension's file if it was built with exactly these
+    inputs (same hash), else None; says what it found."""
+    if os.environ.get("PYMATTING_EXT_REUSE") == "0":
+        print("pymatting_ext extension: PYMATTING_EXT_REUSE=0: compiling the extension")
+        return None
+    library, config = installed_extension()
+    if library is None:
+        print("pymatting_ext extension: no installed build to reuse: compiling the extension")
+        return None
+    if config.get("ext_hash") != ext_hash:
+        print(f"pymatting_ext extension: the installed build ({library}) was built from other sources or settings: "
+              f"compiling the extension")
+        return None
+    try:
+        # (torch is imported: the library's own dependencies resolve.)
+        ctypes.CDLL(library)
+    except OSError as exc:
+        print(f"pymatting_ext extension: the installed build of the same sources does not load ({exc}): compiling the "
+              f"extension")
+        return None
+    print(f"pymatting_ext extension: reusing the installed build of the same sources and settings ({library}, "
+          f"hash {ext_hash[:12]}): not compiling")
+    return library
+
+
 def build_extension_config():
     cuda_home, cuda_how = find_cuda_home()
     if cuda_home:
@@ -160,13 +251,24 @@ def build_extension_config():
         "reason": why,
         "link_args": link_args,
     }
+    # NB: paths inside the checkout count relative to it, so that another
+    # clone of the same sources matches.
+    settings = dict(config, reason=None, sources=sources, macros=define_macros,
+                    include_dirs=[os.path.relpath(d, ROOT) if d.startswith(ROOT) else d for d in include_dirs],
+                    flags=extra, cxx=cxx, python=sysconfig.get_config_var("EXT_SUFFIX"),
+                    abi=int(torch._C._GLIBCXX_USE_CXX11_ABI))
+    config["ext_hash"] = extension_hash(sources, with_cuda, settings)
     print("pymatting_ext build configuration:")
     for key, value in config.items():
         print(f"  {key:10s} {value}")
     if with_cuda:
         print(f"  includes   {include_dirs[1:]}")
+    # NB: looked up before _build_config.py is rewritten below (an in-place
+    # build's own file is never a candidate anyway).
+    reuse = reusable_extension(config["ext_hash"])
 
-    # Recorded so that a failed load of _C can say what it was built for.
+    # Recorded so that a failed load of _C can say what it was built for, and
+    # so that a later build of the same inputs can reuse this one.
     with open(os.path.join(ROOT, "pymatting_ext", "_build_config.py"), "w") as f:
         f.write("# Written by setup.py at build time.\n")
         f.write(f"BUILD_CONFIG = {config!r}\n")
@@ -179,7 +281,21 @@ def build_extension_config():
         extra_compile_args=extra,
         extra_link_args=link_args,
     )
-    return ext, cpp_extension.BuildExtension.with_options(use_ninja=True)
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(base):
+        """torch's BuildExtension, or a copy of the installed extension when
+        it was built from the same inputs (see reusable_extension)."""
+
+        def build_extension(self, extension):
+            target = self.get_ext_fullpath(extension.name)
+            if reuse is None:
+                return super().build_extension(extension)
+            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+            if not (os.path.exists(target) and os.path.samefile(reuse, target)):
+                shutil.copy2(reuse, target)
+
+    return ext, BuildExt
 
 
 def main():
@@ -198,7 +314,12 @@ def main():
         python_requires=">=3.9",
         install_requires=["torch>=2.4"],
         extras_require={"test": ["pytest", "backgroundmattingv2==1.0", "torchvision"],
-                        "models": ["torchvision"], "triton": ["triton"]},
+                        "models": ["torchvision"], "triton": ["triton"],
+                        # The command line (pymatting-ext) and convert_video.
+                        "cli": CLI_REQUIRES,
+                        # pymatting-ext export --format onnx, checked with onnxruntime.
+                        "export": EXPORT_REQUIRES},
+        entry_points={"console_scripts": ["pymatting-ext = pymatting_ext.cli:main"]},
     )
 
 

@@ -29,7 +29,16 @@ __version__ = "0.1.0"
 
 __all__ = ["Refiner", "MattingBase", "MattingRefine", "accelerate", "cuda_graph",
            "ops", "reference", "select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose",
-           "BACKENDS", "build_info", "extension_available", "library_path"]
+           "BACKENDS", "build_info", "extension_available", "library_path", "convert_video"]
+
+
+def __getattr__(name):
+    # NB: convert_video needs the cli extra (PyAV, tqdm, Pillow): imported on
+    # first use, so that `import pymatting_ext` needs torch only.
+    if name == "convert_video":
+        from .video import convert_video
+        return convert_video
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def library_path() -> str:
