@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # The GPU check: everything a GPU must prove about this package, in one run
 # on a bare GPU machine without network (torch, Triton, nvcc, pytest-xdist and
-# compute-sanitizer installed there; upstream's wheel carried in .whl/):
+# compute-sanitizer installed there; upstream's wheel carried in .whl/, with
+# Pillow's and tqdm's for the GPU test of convert_video, fetched beforehand by
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 \
+#       --platform manylinux_2_17_x86_64 -d .whl backgroundmattingv2==1.0 pillow tqdm
+# ):
 #
 #   OUT=/some/folder bash tests/gpu_check.sh [PHASE ...]
 #
 # Phases, in order (default: all):
 #   env       the machine: GPU, driver, versions
-#   deps      upstream's package from the wheels in .whl/ (pip --no-index)
+#   deps      upstream's package (and Pillow, tqdm) from the wheels in .whl/
+#             (pip --no-index)
 #   build     this checkout, for the GPU found only (its compute capability),
 #             installed into a folder of its own (put first on PYTHONPATH)
 #   tests     the GPU tests in parallel (pytest -n): test_gpu.py, test_cuda.py
