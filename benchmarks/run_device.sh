@@ -7,9 +7,10 @@
 # on a CPU the same in float32 (random err only). Every log, JSON and text
 # goes into OUT_DIR: refiner_<dtype>.{json,txt}, ops_<dtype>.{json,txt},
 # verdict.{json,txt}, bench_*.log, build_info.txt, nvidia-smi.txt, times.log.
-# Each script runs under a timeout (REFINER_TIMEOUT, OPS_TIMEOUT seconds), so
-# one that hangs leaves the other its time; a script writes each dtype's
-# files as soon as that dtype is done. Rehearse on a CPU with
+# On a GPU, last, bench_memory.py (peak memory, ours beside upstream) in the
+# time left. Each script runs under a timeout (REFINER_TIMEOUT, OPS_TIMEOUT,
+# MEMORY_TIMEOUT seconds), so one that hangs leaves the others their time; a
+# script writes each dtype's files as soon as that dtype is done. Rehearse on a CPU with
 #   bash benchmarks/run_device.sh /tmp/rehearsal --quick --settings HD
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/run_device.sh OUT_DIR [extra arguments for both scripts]}
@@ -20,6 +21,7 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 REFINER_TIMEOUT=${REFINER_TIMEOUT:-110}
 OPS_TIMEOUT=${OPS_TIMEOUT:-80}
+MEMORY_TIMEOUT=${MEMORY_TIMEOUT:-70}
 start=$SECONDS
 
 "$PY" -c "import pymatting_ext, pprint; pprint.pprint(pymatting_ext.build_info())" > "$OUT/build_info.txt" 2>&1
@@ -43,4 +45,10 @@ step bench_refiner "$REFINER_TIMEOUT" "$PY" bench_refiner.py --dtype $DTYPES --o
 # shellcheck disable=SC2086
 step bench_ops "$OPS_TIMEOUT" "$PY" bench_ops.py --dtype $DTYPES --out "$OUT" "$@"
 step verdict 60 "$PY" verdict.py "$OUT"
+# Last, in the time left: peak memory on a GPU (4K first: the bounded-memory
+# case of thresholding 0.0; a fresh process per case; rows logged as they
+# finish, so a run stopped at its limit still tells those).
+if [ "$DTYPES" != float32 ]; then
+    step bench_memory "$MEMORY_TIMEOUT" "$PY" bench_memory.py --settings 4K HD --timeout 30 --out "$OUT"
+fi
 echo "all: $((SECONDS - start)) s" | tee -a "$OUT/times.log"

@@ -30,8 +30,8 @@
 # the sanitizer harness runs on the CPU kernels without a sanitizer, and the
 # benchmarks run on the CPU (set BENCH_ARGS="--quick --settings HD" there).
 # Time limits (seconds): LIMIT_BUILD (240), LIMIT_TESTS (240), LIMIT_SANITIZE
-# (240, beside the tests), LIMIT_BENCH (190; REFINER_TIMEOUT 95 and
-# OPS_TIMEOUT 65 inside it): at most about 11 minutes, about 7 expected on an
+# (240, beside the tests), LIMIT_BENCH (190; REFINER_TIMEOUT 95,
+# OPS_TIMEOUT 65 and, in what is left, MEMORY_TIMEOUT 45 inside it): at most about 11 minutes, about 7 expected on an
 # H100, so that a second, shorter run (say `bash tests/gpu_check.sh build
 # tests`) fits in the same quarter hour.
 set -uo pipefail
@@ -199,7 +199,7 @@ for phase in $PHASES; do
             wait "$san"
             ;;
         sanitize) run_phase sanitize "${LIMIT_SANITIZE:-240}" bash -c phase_sanitize ;;
-        bench) REFINER_TIMEOUT=${REFINER_TIMEOUT:-95} OPS_TIMEOUT=${OPS_TIMEOUT:-65} \
+        bench) REFINER_TIMEOUT=${REFINER_TIMEOUT:-95} OPS_TIMEOUT=${OPS_TIMEOUT:-65} MEMORY_TIMEOUT=${MEMORY_TIMEOUT:-45} \
                    run_phase bench "${LIMIT_BENCH:-190}" bash -c phase_bench ;;
         *) echo "unknown phase $phase" | tee -a "$SUMMARY" ;;
     esac
