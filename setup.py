@@ -149,14 +149,17 @@ def extension_hash(sources, with_cuda, settings):
 
 def installed_extension():
     """(path of _C, its recorded build config) of a pymatting_ext installed
-    outside this source tree, or (None, None)."""
+    anywhere but this source folder (an environment inside the checkout
+    counts), or (None, None)."""
     here = {os.path.realpath(ROOT), os.path.realpath(os.getcwd())}
     path = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p) not in here]
     spec = importlib.machinery.PathFinder.find_spec("pymatting_ext", path)
     if spec is None or not spec.submodule_search_locations:
         return None, None
     folder = list(spec.submodule_search_locations)[0]
-    if os.path.realpath(folder).startswith(os.path.realpath(ROOT) + os.sep):
+    # NB: only the source folder itself is excluded: an environment may live
+    # inside the checkout (say ./venv), and its installed copy counts.
+    if os.path.realpath(folder) == os.path.realpath(os.path.join(ROOT, "pymatting_ext")):
         return None, None
     library = os.path.join(folder, "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
     try:
@@ -183,8 +186,9 @@ def reusable_extension(ext_hash):
         print(f"pymatting_ext extension: the installed build ({library}) was built from other sources or settings: "
               f"compiling the extension")
         return None
+    import torch  # noqa: F401  (loaded first, so that the library's libc10, libtorch ... resolve)
+
     try:
-        # (torch is imported: the library's own dependencies resolve.)
         ctypes.CDLL(library)
     except OSError as exc:
         print(f"pymatting_ext extension: the installed build of the same sources does not load ({exc}): compiling the "

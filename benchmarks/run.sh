@@ -27,7 +27,11 @@ fi
 
 bash tests/install.sh
 
-"$PY" -m pymatting_ext demo --output-dir build/demo
+# From build/, not the checkout's root: there `python -m pymatting_ext` would
+# import the source folder (no compiled extension) instead of the installed
+# package.
+mkdir -p build
+(cd build && "$PY" -m pymatting_ext demo --output-dir demo)
 [ "$DEMO_ONLY" = 1 ] && exit 0
 
 cd benchmarks
