@@ -1,7 +1,7 @@
 """pymatting_ext.Refiner: a drop-in replacement for BackgroundMattingV2's
 Refiner, built on the op set."""
 import os
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from . import ops
 from ._backend import BACKENDS, resolve
+from ._tiles import plan_tiles, tile_cost
 
 __all__ = ["Refiner"]
 
@@ -220,7 +221,12 @@ class Refiner(nn.Module):
     backend 'triton'): None runs the fused patch kernel (pymatting_ext._fused:
     crop, the four convolutions and the write of each refined cell in one
     kernel) wherever Triton compiles for a GPU, True also under Triton's
-    interpreter, False never.
+    interpreter, False never. ``merge_cells`` (eval mode, sparse modes, on
+    the CPU with the 'cpu' or 'reference' backend, without autograd):
+    neighbouring selected cells go through the convolutions together, as
+    tiles of 2x2 to 8x8 cells, where a cost model says that computes less
+    (pymatting_ext._tiles); the results are the same. False computes every
+    cell alone, as on a GPU (where planning would wait on the device).
 
     Input: src, bgr (B, 3, H, W) with H and W divisible by 4; pha (B, 1, Hc, Wc),
     fgr (B, 3, Hc, Wc), err (B, 1, Hc, Wc), hid (B, 32, Hc, Wc).
@@ -232,7 +238,7 @@ class Refiner(nn.Module):
     def __init__(self, mode: str, sample_pixels: int, threshold: float, kernel_size: int = 3,
                  prevent_oversampling: bool = True, patch_crop_method: str = "unfold",
                  patch_replace_method: str = "scatter_nd", *, backend: str = "auto",
-                 max_patches: Optional[int] = None, fused: Optional[bool] = None):
+                 max_patches: Optional[int] = None, fused: Optional[bool] = None, merge_cells: bool = True):
         super().__init__()
         if mode not in _MODES:
             raise ValueError(f"Refiner: mode must be one of {_MODES}, got {mode!r}")
@@ -261,9 +267,12 @@ class Refiner(nn.Module):
         self.patch_replace_method = patch_replace_method
         if fused not in (None, True, False):
             raise ValueError(f"Refiner: fused must be None, True or False, got {fused!r}")
+        if merge_cells not in (True, False):
+            raise ValueError(f"Refiner: merge_cells must be True or False, got {merge_cells!r}")
         self.backend = backend
         self.max_patches = max_patches
         self.fused = fused
+        self.merge_cells = merge_cells
 
         channels = [32, 24, 16, 12, 4]
         self.conv1 = nn.Conv2d(channels[0] + 6 + 4, channels[1], kernel_size, bias=False)
@@ -391,14 +400,18 @@ class Refiner(nn.Module):
         return self._run(src, bgr, pha, fgr, err, hid, True)
 
     def _patches(self, backend: str, idx: Tensor, src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor,
-                 hid: Tensor, folded: List[Tensor]) -> Tensor:
-        """The refined (P, 4, 4, 4) patches of the cells idx names."""
+                 hid: Tensor, folded: List[Tensor], tile: int = 1) -> Tensor:
+        """The refined (P, 4, 4, 4) patches of the cells idx names; with
+        tile > 1 (eval mode, see _merged_patches), idx names tiles of
+        tile x tile cells of the cell grid, and the patches are
+        (P, 4, 4 * tile, 4 * tile)."""
         H, W = src.shape[2], src.shape[3]
         k3 = self.kernel_size == 3
         p, q = (3, 2) if k3 else (0, 0)
-        x = _crop(backend, [hid, pha, fgr, src, bgr], idx, 2, p, [H // 2, W // 2], [2 + 2 * p, 2 + 2 * p])
+        x = _crop(backend, [hid, pha, fgr, src, bgr], idx, 2 * tile, p, [H // 2, W // 2],
+                  [2 * tile + 2 * p, 2 * tile + 2 * p])
         x = self._stage1(x, folded)
-        side = 8 if k3 else 4
+        side = 4 * tile + 2 * q
         if self._in_place_ok(folded, x, src, bgr):
             # conv3's input assembled in one buffer: the full-resolution crop
             # written into its last channels, the upsampled stage-1 output
@@ -407,14 +420,14 @@ class Refiner(nn.Module):
             c1 = x.shape[1]
             z = torch.empty([idx.shape[0], c1 + 6, side, side], dtype=x.dtype, device=x.device,
                             memory_format=torch.channels_last)
-            _crop_into(backend, [src, bgr], idx, 4, q, [H, W], c1, z)
+            _crop_into(backend, [src, bgr], idx, 4 * tile, q, [H, W], c1, z)
             r = side // x.shape[2]
             # NB: nearest upsample by an integer factor = each value repeated.
             z[:, :c1].view(z.shape[0], c1, x.shape[2], r, x.shape[3], r).copy_(
                 x[:, :, :, None, :, None].expand(-1, -1, -1, r, -1, r))
             return self._stage2(z, folded)
         x = F.interpolate(x, size=side, mode="nearest")
-        y = _crop(backend, [src, bgr], idx, 4, q, [H, W], [4 + 2 * q, 4 + 2 * q])
+        y = _crop(backend, [src, bgr], idx, 4 * tile, q, [H, W], [side, side])
         return self._stage2(torch.cat([x, y.to(x.dtype)], 1), folded)
 
     def _in_place_ok(self, folded: List[Tensor], x: Tensor, src: Tensor, bgr: Tensor) -> bool:
@@ -480,6 +493,9 @@ class Refiner(nn.Module):
         if self.training and P == 0:
             # As upstream: no patches, so BatchNorm sees no (empty) batch.
             x = coarse.new_empty([0, 4, 4, 4])
+        elif not torch.jit.is_scripting() and self._merge_ok(backend, folded, src, bgr, pha, fgr, hid):
+            idx, x = self._merged_patches(backend, idx, valid, src, bgr, pha, fgr, hid, folded, chunk)
+            valid = None
         elif chunk is None or P <= chunk:
             x = self._patches(backend, idx, src, bgr, pha, fgr, hid, folded)
         else:
@@ -517,6 +533,73 @@ class Refiner(nn.Module):
         if folded[0].dtype != src.dtype:  # under autocast
             return False
         return bool(fused) or src.device.type == "cuda"
+
+    @torch.jit.unused
+    def _merge_ok(self, backend: str, folded: List[Tensor], src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor,
+                  hid: Tensor) -> bool:
+        """Whether the sparse modes may compute neighbouring cells together
+        (merge_cells): eval mode without autograd, on the CPU, with the C++
+        kernels or the reference, and not while torch.compile traces (the
+        plan depends on the data). Never on a GPU: planning reads idx on the
+        host, and eval sampling there never waits on the device."""
+        if not getattr(self, "merge_cells", True) or len(folded) == 0 or torch.compiler.is_compiling():
+            return False
+        if src.device.type != "cpu" or backend not in ("cpu", "reference"):
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in [src, bgr, pha, fgr, hid] + folded))
+
+    #: Tile sides (in cells) that merge_cells may use, each dividing the next.
+    merge_tile_sizes = (2, 4, 8)
+    #: The least saving, in single cells' cost, for which a tile side gets a
+    #: pass of its own (a pass costs a crop and four convolution calls).
+    merge_min_saving_cells = 8
+
+    @torch.jit.unused
+    def _merge_costs(self, folded: List[Tensor]) -> Dict[int, float]:
+        """{tile side: cost} for plan_tiles; 1 is a single cell."""
+        return {t: float(tile_cost(folded, self.kernel_size, t)) for t in (1,) + tuple(self.merge_tile_sizes)}
+
+    @torch.jit.unused
+    def _merged_patches(self, backend: str, idx: Tensor, valid: Optional[Tensor], src: Tensor, bgr: Tensor,
+                        pha: Tensor, fgr: Tensor, hid: Tensor, folded: List[Tensor],
+                        chunk: Optional[int]) -> Tuple[Tensor, Tensor]:
+        """The refined patches of the valid cells of idx, with tiles of
+        neighbouring cells computed together where plan_tiles finds that
+        cheaper. Returns (idx', patches): those cells in an order of its own
+        (each cell once, so compose does not mind the order)."""
+        if valid is not None:
+            idx = idx[valid]
+        B, H, W = src.shape[0], src.shape[2], src.shape[3]
+        costs = self._merge_costs(folded)
+        single, tiles = plan_tiles(idx, B, H // 4, W // 4, costs, self.merge_tile_sizes,
+                                   self.merge_min_saving_cells * costs[1])
+        rows: List[Tensor] = []
+        parts: List[Tensor] = []
+        if single.shape[0] > 0:
+            cells = idx if single.shape[0] == idx.shape[0] else idx[single]
+            rows.append(cells)
+            step = cells.shape[0] if chunk is None else chunk
+            for i in range(0, cells.shape[0], step):
+                parts.append(self._patches(backend, cells[i:i + step], src, bgr, pha, fgr, hid, folded))
+        for T, tile_idx, in_tiles, where in tiles:
+            # The cells by tile, so that each chunk of tiles gives the next run.
+            where, order = torch.sort(where, stable=True)
+            cells = idx[in_tiles[order]]
+            rows.append(cells)
+            ly, lx = cells[:, 1] % T, cells[:, 2] % T
+            # NB: a tile takes about as much memory as its T * T cells' patches.
+            step = tile_idx.shape[0] if chunk is None else max(1, chunk // (T * T))
+            bounds = torch.searchsorted(where, torch.arange(0, tile_idx.shape[0] + step, step)).tolist()
+            for j, i in enumerate(range(0, tile_idx.shape[0], step)):
+                out = self._patches(backend, tile_idx[i:i + step], src, bgr, pha, fgr, hid, folded, T)
+                n, C = out.shape[0], out.shape[1]
+                # (n, C, 4T, 4T) as (n, T, 4, T, 4, C): each cell's 4 x 4 block.
+                blocks = out.permute(0, 2, 3, 1).reshape(n, T, 4, T, 4, C)
+                r = slice(bounds[j], bounds[j + 1])
+                parts.append(blocks[where[r] - i, ly[r], :, lx[r]].permute(0, 3, 1, 2))  # (R, C, 4, 4)
+        if not parts:
+            return idx, src.new_empty([0, 4, 4, 4])
+        return torch.cat(rows), torch.cat(parts)
 
     #: Patches per chunk on the CPU in eval mode (see forward).
     cpu_chunk_patches = 512
