@@ -267,7 +267,7 @@ class Refiner(nn.Module):
         self.patch_replace_method = patch_replace_method
         if fused not in (None, True, False):
             raise ValueError(f"Refiner: fused must be None, True or False, got {fused!r}")
-        if merge_cells not in (True, False):
+        if not isinstance(merge_cells, bool):
             raise ValueError(f"Refiner: merge_cells must be True or False, got {merge_cells!r}")
         self.backend = backend
         self.max_patches = max_patches

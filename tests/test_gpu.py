@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import pymatting_ext as pm
 from pymatting_ext import _backend, reference
 
-from helpers import check_refiner_in_a_cuda_graph, op_calls, quarter_err, random_bn_, refiner_inputs
+from helpers import check_refiner_in_a_cuda_graph, check_tie_tolerant, op_calls, random_bn_, refiner_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -61,30 +61,6 @@ def models(mode, sample_pixels, kernel_size, prevent, backend, dtype, threshold=
     ours = refiner(mode, sample_pixels, threshold, kernel_size, prevent, backend)
     ours.load_state_dict(up.state_dict())
     return up.cuda().to(dtype).eval(), ours.cuda().to(dtype).eval()
-
-
-def check_tie_tolerant(up, ours, err, k, atol, mean_atol=None):
-    """Two sampling refiners' (pha, fgr, ref) (prevent_oversampling=False):
-    the selections may differ only among cells tied with the k-th largest
-    error (upstream's topk breaks ties arbitrarily); pha and fgr agree within
-    atol (scaled to the outputs' magnitude) on every 4x4 block both chose
-    alike. Returns the number of cells chosen differently."""
-    H, W = up[0].shape[2:]
-    err_q = quarter_err(err, H, W)
-    B = err.shape[0]
-    differ = up[2] != ours[2]
-    if bool(differ.any()):
-        kth = err_q.view(B, -1).float().topk(k, dim=1).values[:, -1].view(B, 1, 1, 1)
-        assert bool((err_q.float() == kth)[differ].all()), "a selection differs beyond a tie"
-    keep = ~F.interpolate(differ.float(), scale_factor=4, mode="nearest").bool()
-    for name, u, o in zip(("pha", "fgr"), up[:2], ours[:2]):
-        assert u.shape == o.shape and u.dtype == o.dtype, name
-        scale = max(1.0, float(u.abs().max()))
-        diff = (u.float() - o.float()).abs() * keep
-        assert float(diff.max()) <= atol * scale, f"{name}: max |diff| {float(diff.max()):.3g}"
-        if mean_atol is not None:
-            assert float(diff.mean()) <= mean_atol * scale, f"{name}: mean |diff| {float(diff.mean()):.3g}"
-    return int(differ.sum())
 
 
 # -- the Refiner against upstream at the real sizes ---------------------------
