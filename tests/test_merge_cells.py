@@ -43,6 +43,7 @@ def force_tiles(model, sizes):
     model.merge_tile_sizes = tuple(sizes)
     model._merge_costs = lambda folded: {1: 1.0, **{t: 1e-3 for t in sizes}}
     model.merge_min_saving_cells = -math.inf
+    model.merge_min_gain = 0.0
     return model
 
 
@@ -237,12 +238,15 @@ def _costs(kernel_size):
     return model._merge_costs(model._folded())
 
 
-def test_cost_model_counts_the_convolutions_multiply_adds():
+def test_cost_model_counts_multiply_adds_and_cropped_elements():
     costs = _costs(3)
+    c = _tiles.CROP_ELEMENT_COST
     # One cell: conv1 6x6x24 outputs of 42x9 products, conv2 4x4x16 of 24x9,
-    # conv3 6x6x12 of 22x9, conv4 4x4x4 of 12x9.
-    assert costs[1] == 36 * 24 * 42 * 9 + 16 * 16 * 24 * 9 + 36 * 12 * 22 * 9 + 16 * 4 * 12 * 9
-    assert costs[4] == 12 * 12 * 24 * 42 * 9 + 10 * 10 * 16 * 24 * 9 + 18 * 18 * 12 * 22 * 9 + 16 * 16 * 4 * 12 * 9
+    # conv3 6x6x12 of 22x9, conv4 4x4x4 of 12x9; crops of 8x8x42 and 8x8x6.
+    assert costs[1] == (36 * 24 * 42 * 9 + 16 * 16 * 24 * 9 + 36 * 12 * 22 * 9 + 16 * 4 * 12 * 9
+                        + c * (64 * 42 + 64 * 6))
+    assert costs[4] == (12 * 12 * 24 * 42 * 9 + 10 * 10 * 16 * 24 * 9 + 18 * 18 * 12 * 22 * 9
+                        + 16 * 16 * 4 * 12 * 9 + c * (14 * 14 * 42 + 20 * 20 * 6))
     # kernel_size 1 shares nothing: a tile costs its cells.
     ones = _costs(1)
     assert all(ones[t] == t * t * ones[1] for t in ones)
@@ -257,7 +261,7 @@ def test_plan_picks_tiles_for_blocks_and_cells_for_scatter():
     mask = torch.zeros(2, 20, 27, dtype=torch.bool)
     mask[0, 8:16, 8:16] = True  # one whole 8 x 8 tile
     mask[1, ::3, ::3] = True  # a scatter: no tile pays
-    mask[1, 19, 25:27] = True  # at the ragged corner: two cells, in two 2 x 2 tiles
+    mask[1, 19, 26] = True  # alone in the corner tile of a ragged grid
     idx = _grid_idx(mask)
     single, tiles = _tiles.plan_tiles(idx, 2, 20, 27, costs, sizes)
     got = {T: (t.tolist(), idx[rows].tolist(), where.tolist()) for T, t, rows, where in tiles}
@@ -281,3 +285,23 @@ def test_plan_never_merges_kernel_size_1_nor_below_the_least_saving():
     assert tiles == [] and single.shape[0] == 256
     single, tiles = _tiles.plan_tiles(idx[:0], 1, 16, 16, costs, (2, 4, 8))
     assert tiles == [] and single.shape[0] == 0
+
+
+def _refiner_plan(err, sample_pixels, H, W):
+    model = pm.Refiner("sampling", sample_pixels, 0.1, 3, False).eval()
+    costs = model._merge_costs(model._folded())
+    err_q = torch.nn.functional.interpolate(err, (H // 4, W // 4), mode="bilinear", align_corners=False)
+    _, idx, _ = pm.ops.select_sampling(err_q, sample_pixels // 16, False)
+    return _tiles.plan_tiles(idx, err.shape[0], H // 4, W // 4, costs, model.merge_tile_sizes,
+                             model.merge_min_saving_cells * costs[1], model.merge_min_gain)
+
+
+def test_plan_at_hd_single_cells_for_uniform_err_tiles_for_a_boundary():
+    # The benchmark's HD setting (coarse 270 x 480, 5,000 of 129,600 cells):
+    # uniform err scatters them, nothing worth a tile; along a matte's edge
+    # most cells go in tiles.
+    torch.manual_seed(0)
+    single, tiles = _refiner_plan(torch.rand(1, 1, 270, 480), 80_000, 1080, 1920)
+    assert tiles == [] and single.shape[0] == 5000
+    single, tiles = _refiner_plan(bench_common.boundary_err(1, 270, 480), 80_000, 1080, 1920)
+    assert single.shape[0] < 500 and {T for T, *_ in tiles} == {2, 4, 8}
