@@ -591,8 +591,12 @@ class Refiner(nn.Module):
             cells = idx[in_tiles[order]]
             rows.append(cells)
             ly, lx = cells[:, 1] % T, cells[:, 2] % T
-            # NB: a tile takes about as much memory as its T * T cells' patches.
-            step = tile_idx.shape[0] if chunk is None else max(1, chunk // (T * T))
+            # NB: conv3's input, the largest intermediate, sets a tile's memory
+            # against a cell's (8 x 8 a cell at kernel_size 3; a tile of 8 x 8
+            # cells ~20 cells, not 64), and so the tiles a chunk.
+            q = 2 if self.kernel_size == 3 else 0
+            per_tile = -(-(4 * T + 2 * q) ** 2 // (4 + 2 * q) ** 2)
+            step = tile_idx.shape[0] if chunk is None else max(1, chunk // per_tile)
             bounds = torch.searchsorted(where, torch.arange(0, tile_idx.shape[0] + step, step)).tolist()
             for j, i in enumerate(range(0, tile_idx.shape[0], step)):
                 out = self._patches(backend, tile_idx[i:i + step], src, bgr, pha, fgr, hid, folded, T)
