@@ -33,6 +33,153 @@ struct CropSource {
   std::vector<LinearTap<at::opmath_type<scalar_t>>> rows, cols;
 };
 
+// out[i] = a[i] * wa + b[i] * wb for n contiguous elements, in opmath_t,
+// rounded to T once: one pass of linear_mix, vectorised by the compiler.
+template <typename T, typename opmath_t>
+inline void blend_run(T* __restrict__ out, const opmath_t* __restrict__ a,
+                      const opmath_t* __restrict__ b, opmath_t wa, opmath_t wb, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<T>(a[i] * wa + b[i] * wb);
+  }
+}
+
+// Per-thread scratch of the resampled sources: the source window with the
+// channels innermost, and its width pass.
+template <typename opmath_t>
+struct CropScratch {
+  std::vector<opmath_t> window, widened;
+};
+
+// The channels of resampled source `s` over image rows [ylo, yhi) and
+// columns [xlo, xhi) of image b, written to out (the first of those pixels,
+// at its source's first channel; rows row_pitch apart, pixels C_out apart).
+// NB: separable, width pass first, which is linear_mix's order of
+// operations exactly (the same bits): a source row is blended across once
+// per output column and reused by every output row that reads it, and
+// both passes run over contiguous channels.
+template <typename scalar_t, typename opmath_t>
+void crop_resampled(const CropSource<scalar_t>& s, int64_t b, int64_t ylo, int64_t yhi, int64_t xlo,
+                    int64_t xhi, scalar_t* out, int64_t row_pitch, int64_t C_out,
+                    CropScratch<opmath_t>& scratch) {
+  const int64_t SC = static_cast<int64_t>(s.planes.size());
+  const int64_t r_lo = s.rows[ylo].i0, r_hi = s.rows[yhi - 1].i1 + 1;
+  const int64_t q_lo = s.cols[xlo].i0, q_hi = s.cols[xhi - 1].i1 + 1;
+  const int64_t nr = r_hi - r_lo, nq = q_hi - q_lo, nx = xhi - xlo;
+  scratch.window.resize(static_cast<size_t>(nr * nq * SC));
+  scratch.widened.resize(static_cast<size_t>(nr * nx * SC));
+  opmath_t* win = scratch.window.data();
+  // Each plane's rows read contiguously, transposed into the window.
+  for (int64_t c = 0; c < SC; ++c) {
+    const auto& pl = s.planes[c];
+    const scalar_t* plane = pl.data + b * pl.stride_b + q_lo * pl.stride_w;
+    for (int64_t r = 0; r < nr; ++r) {
+      const scalar_t* irow = plane + (r_lo + r) * pl.stride_h;
+      opmath_t* w = win + r * nq * SC + c;
+      if (pl.stride_w == 1) {
+        for (int64_t q = 0; q < nq; ++q) {
+          w[q * SC] = static_cast<opmath_t>(irow[q]);
+        }
+      } else {
+        for (int64_t q = 0; q < nq; ++q) {
+          w[q * SC] = static_cast<opmath_t>(irow[q * pl.stride_w]);
+        }
+      }
+    }
+  }
+  // Width pass: every window row at the output's columns.
+  opmath_t* wid = scratch.widened.data();
+  for (int64_t r = 0; r < nr; ++r) {
+    const opmath_t* wrow = win + r * nq * SC;
+    opmath_t* drow = wid + r * nx * SC;
+    for (int64_t x = 0; x < nx; ++x) {
+      const auto& tx = s.cols[xlo + x];
+      blend_run(drow + x * SC, wrow + (tx.i0 - q_lo) * SC, wrow + (tx.i1 - q_lo) * SC, tx.w0, tx.w1, SC);
+    }
+  }
+  // Height pass, straight into the channels-last output.
+  for (int64_t y = ylo; y < yhi; ++y) {
+    const auto& ty = s.rows[y];
+    const opmath_t* top = wid + (ty.i0 - r_lo) * nx * SC;
+    const opmath_t* bottom = wid + (ty.i1 - r_lo) * nx * SC;
+    scalar_t* orow = out + (y - ylo) * row_pitch;
+    if (SC == C_out) {
+      blend_run(orow, top, bottom, ty.w0, ty.w1, nx * SC);
+    } else {
+      for (int64_t x = 0; x < nx; ++x) {
+        blend_run(orow + x * C_out, top + x * SC, bottom + x * SC, ty.w0, ty.w1, SC);
+      }
+    }
+  }
+}
+
+// The channels of a source of the image's own size: a copy, transposed to
+// channels-last (arguments as crop_resampled's).
+template <typename scalar_t>
+void crop_direct(const CropSource<scalar_t>& s, int64_t b, int64_t ylo, int64_t yhi, int64_t xlo,
+                 int64_t xhi, scalar_t* out, int64_t row_pitch, int64_t C_out) {
+  const int64_t SC = static_cast<int64_t>(s.planes.size());
+  for (int64_t c = 0; c < SC; ++c) {
+    const auto& pl = s.planes[c];
+    const scalar_t* plane = pl.data + b * pl.stride_b + xlo * pl.stride_w;
+    for (int64_t y = ylo; y < yhi; ++y) {
+      const scalar_t* irow = plane + y * pl.stride_h;
+      scalar_t* o = out + (y - ylo) * row_pitch + c;
+      if (pl.stride_w == 1) {
+        for (int64_t x = 0; x < xhi - xlo; ++x) {
+          o[x * C_out] = irow[x];
+        }
+      } else {
+        for (int64_t x = 0; x < xhi - xlo; ++x) {
+          o[x * C_out] = irow[x * pl.stride_w];
+        }
+      }
+    }
+  }
+}
+
+// NB: GCC (12, at -O2 and above) deletes a loop of __builtin_prefetch as
+// if it had no effect; an asm statement it keeps.
+inline void prefetch_line(const void* p) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
+// Asks for the cache lines of patch p's source windows ahead of their use.
+// NB: the patches are scattered over the image, so every row of a window
+// is a cache miss that the hardware prefetchers cannot foresee (rows are a
+// whole image row apart); without this the kernel waits on memory latency
+// (~1 GB/s) rather than bandwidth.
+template <typename scalar_t>
+void prefetch_windows(const std::vector<CropSource<scalar_t>>& sources, int64_t b, int64_t y_lo,
+                      int64_t y_hi, int64_t x_lo, int64_t x_hi) {
+  if (y_lo >= y_hi || x_lo >= x_hi) {
+    return;
+  }
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  for (const auto& s : sources) {
+    const int64_t r_lo = s.resample ? s.rows[y_lo].i0 : y_lo;
+    const int64_t r_hi = s.resample ? s.rows[y_hi - 1].i1 + 1 : y_hi;
+    const int64_t q_lo = s.resample ? s.cols[x_lo].i0 : x_lo;
+    const int64_t q_hi = s.resample ? s.cols[x_hi - 1].i1 + 1 : x_hi;
+    for (const auto& pl : s.planes) {
+      if (pl.stride_w != 1) {
+        continue;
+      }
+      const scalar_t* plane = pl.data + b * pl.stride_b;
+      for (int64_t r = r_lo; r < r_hi; ++r) {
+        const scalar_t* row = plane + r * pl.stride_h;
+        for (int64_t q = q_lo; q < q_hi; q += kLine) {
+          prefetch_line(row + q);
+        }
+        prefetch_line(row + q_hi - 1);
+      }
+    }
+  }
+}
+
 // Writes the patches into channels [c_offset, c_offset + sum C_i) of out, a
 // channels-last contiguous (P, C_out, PH, PW) tensor; the arguments are
 // checked by the caller.
@@ -81,89 +228,59 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
     }
     const int64_t* idx_p = idx_c.data_ptr<int64_t>();
     scalar_t* out_all = out.data_ptr<scalar_t>();
-    // Work items are strips of up to kStrip patch rows, so that a few huge
-    // patches (the full mode's whole-image crop) still spread over threads.
-    constexpr int64_t kStrip = 16;
-    const int64_t strips = (PH + kStrip - 1) / kStrip;
-    at::parallel_for(0, P * strips, 8, [&](int64_t t0, int64_t t1) {
-      std::vector<opmath_t> local;
+    const int64_t row_pitch = PW * C_out;
+    // NB: patches are cut into tiles of at most kTileRows x kTileCols pixels,
+    // so that a few huge patches (the full mode's whole-image crop) still
+    // spread over threads and a tile's scratch stays in cache; the refiner's
+    // 8 x 8 patches are one tile each.
+    constexpr int64_t kTileRows = 16, kTileCols = 64;
+    const int64_t tiles_y = (PH + kTileRows - 1) / kTileRows, tiles_x = (PW + kTileCols - 1) / kTileCols;
+    const int64_t tiles = tiles_y * tiles_x;
+    // Patches prefetched ahead of the one being cut (when a patch is one tile).
+    constexpr int64_t kAhead = 8;
+    at::parallel_for(0, P * tiles, 8, [&](int64_t t0, int64_t t1) {
+      CropScratch<opmath_t> scratch;
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t p = t / strips;
-        const int64_t py0 = (t % strips) * kStrip, py1 = std::min(PH, py0 + kStrip);
+        const int64_t p = t / tiles, ty = (t % tiles) / tiles_x, tx = t % tiles_x;
+        const int64_t py0 = ty * kTileRows, py1 = std::min(PH, py0 + kTileRows);
+        const int64_t px0 = tx * kTileCols, px1 = std::min(PW, px0 + kTileCols);
         const int64_t b = idx_p[3 * p];
         const int64_t oy = patch_origin(idx_p[3 * p + 1], stride, padding);
         const int64_t ox = patch_origin(idx_p[3 * p + 2], stride, padding);
-        scalar_t* o = out_all + p * PH * PW * C_out + c_offset;
-        // The part of the strip inside the image; everything else is zero.
+        if (tiles == 1 && p + kAhead < P) {
+          const int64_t* n = idx_p + 3 * (p + kAhead);
+          const int64_t ny = patch_origin(n[1], stride, padding), nx = patch_origin(n[2], stride, padding);
+          prefetch_windows(sources, n[0], std::max(ny, int64_t(0)), std::min(ny + PH, H),
+                           std::max(nx, int64_t(0)), std::min(nx + PW, W));
+        }
+        scalar_t* o = out_all + p * PH * row_pitch + c_offset;
+        // The part of the tile inside the image (image coordinates); the
+        // rest is zeros.
         const int64_t y_lo = std::max(oy + py0, int64_t(0)), y_hi = std::min(oy + py1, H);
-        const int64_t x_lo = std::max(ox, int64_t(0)), x_hi = std::min(ox + PW, W);
+        const int64_t x_lo = std::max(ox + px0, int64_t(0)), x_hi = std::min(ox + px1, W);
+        const bool any = y_lo < y_hi && x_lo < x_hi;
         for (int64_t py = py0; py < py1; ++py) {
           const int64_t y = oy + py;
-          for (int64_t px = 0; px < PW; ++px) {
+          const bool row_in = any && y >= y_lo && y < y_hi;
+          for (int64_t px = px0; px < px1; ++px) {
             const int64_t x = ox + px;
-            if (y < y_lo || y >= y_hi || x < x_lo || x >= x_hi) {
-              std::fill_n(o + (py * PW + px) * C_out, C, scalar_t(0));
+            if (!row_in || x < x_lo || x >= x_hi) {
+              std::fill_n(o + py * row_pitch + px * C_out, C, scalar_t(0));
             }
           }
         }
-        if (y_lo >= y_hi || x_lo >= x_hi) {
+        if (!any) {
           continue;
         }
+        scalar_t* inside = o + (y_lo - oy) * row_pitch + (x_lo - ox) * C_out;
         int64_t c_base = 0;
         for (const auto& s : sources) {
-          const int64_t SC = static_cast<int64_t>(s.planes.size());
-          if (!s.resample) {
-            for (int64_t y = y_lo; y < y_hi; ++y) {
-              scalar_t* orow = o + ((y - oy) * PW - ox) * C_out + c_base;
-              for (int64_t c = 0; c < SC; ++c) {
-                const auto& pl = s.planes[c];
-                const scalar_t* irow = pl.data + b * pl.stride_b + y * pl.stride_h;
-                for (int64_t x = x_lo; x < x_hi; ++x) {
-                  orow[x * C_out + c] = irow[x * pl.stride_w];
-                }
-              }
-            }
-            c_base += SC;
-            continue;
+          if (s.resample) {
+            crop_resampled(s, b, y_lo, y_hi, x_lo, x_hi, inside + c_base, row_pitch, C_out, scratch);
+          } else {
+            crop_direct(s, b, y_lo, y_hi, x_lo, x_hi, inside + c_base, row_pitch, C_out);
           }
-          // NB: the source window is first gathered channels-innermost, so
-          // the blend below runs over contiguous channels (vectorised) and
-          // writes the channels-last output contiguously.
-          const int64_t r_lo = s.rows[y_lo].i0, r_hi = s.rows[y_hi - 1].i1 + 1;
-          const int64_t q_lo = s.cols[x_lo].i0, q_hi = s.cols[x_hi - 1].i1 + 1;
-          const int64_t nq = q_hi - q_lo;
-          local.resize(static_cast<size_t>((r_hi - r_lo) * nq * SC));
-          for (int64_t c = 0; c < SC; ++c) {
-            const auto& pl = s.planes[c];
-            const scalar_t* plane = pl.data + b * pl.stride_b;
-            for (int64_t r = r_lo; r < r_hi; ++r) {
-              const scalar_t* irow = plane + r * pl.stride_h;
-              opmath_t* lrow = local.data() + (r - r_lo) * nq * SC + c;
-              for (int64_t q = q_lo; q < q_hi; ++q) {
-                lrow[(q - q_lo) * SC] = static_cast<opmath_t>(irow[q * pl.stride_w]);
-              }
-            }
-          }
-          for (int64_t y = y_lo; y < y_hi; ++y) {
-            const auto& ty = s.rows[y];
-            const opmath_t* l0 = local.data() + (ty.i0 - r_lo) * nq * SC;
-            const opmath_t* l1 = local.data() + (ty.i1 - r_lo) * nq * SC;
-            const opmath_t wy0 = ty.w0, wy1 = ty.w1;
-            scalar_t* orow = o + ((y - oy) * PW - ox) * C_out + c_base;
-            for (int64_t x = x_lo; x < x_hi; ++x) {
-              const auto& tx = s.cols[x];
-              const opmath_t* a0 = l0 + (tx.i0 - q_lo) * SC;
-              const opmath_t* a1 = l0 + (tx.i1 - q_lo) * SC;
-              const opmath_t* b0 = l1 + (tx.i0 - q_lo) * SC;
-              const opmath_t* b1 = l1 + (tx.i1 - q_lo) * SC;
-              const opmath_t wx0 = tx.w0, wx1 = tx.w1;
-              scalar_t* oc = orow + x * C_out;
-              for (int64_t c = 0; c < SC; ++c) {
-                oc[c] = static_cast<scalar_t>(linear_mix<opmath_t>(a0[c], a1[c], b0[c], b1[c], wy0, wy1, wx0, wx1));
-              }
-            }
-          }
-          c_base += SC;
+          c_base += static_cast<int64_t>(s.planes.size());
         }
       }
     });
