@@ -171,4 +171,19 @@ inline void check_compose_args(const char* op, const at::Tensor& coarse, const a
   }
 }
 
+// compose_into's arguments: compose's, the size being out's (H, W), and out
+// contiguous (B, C, H, W) with coarse's B and C, dtype and device.
+inline void check_compose_into_args(const char* op, const at::Tensor& coarse, const at::Tensor& patches,
+                                    const at::Tensor& idx, const c10::optional<at::Tensor>& valid,
+                                    const c10::optional<at::Tensor>& src, const at::Tensor& out,
+                                    at::DeviceType kernel) {
+  check_rank(op, "out", out, 4, "(B, C, H, W)");
+  check_compose_args(op, coarse, patches, idx, valid, {out.size(2), out.size(3)}, src, kernel);
+  check_same(op, "out", out, "coarse", coarse);
+  TORCH_CHECK(out.size(0) == coarse.size(0) && out.size(1) == coarse.size(1), op,
+              ": out must have coarse's batch size and channels (", coarse.size(0), ", ", coarse.size(1),
+              ", H, W), got ", out.sizes());
+  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous, got strides ", out.strides());
+}
+
 }  // namespace pymatting_ext

@@ -48,6 +48,10 @@ TORCH_LIBRARY(pymatting_ext, m) {
   // (B, C-1, H, W), channel 0 is clamped to [0, 1] and channels 1.. become
   // clamp(value + src, 0, 1): MattingRefine's epilogue.
   m.def("compose(Tensor coarse, Tensor patches, Tensor idx, Tensor? valid, SymInt[2] size, Tensor? src) -> Tensor");
+  // compose written into `out`, a contiguous (B, C, H, W) tensor of coarse's
+  // dtype and device (the size is out's). Lets a caller keep one output
+  // across frames instead of fresh pages every call (~133 MB at 4K).
+  m.def("compose_into(Tensor coarse, Tensor patches, Tensor idx, Tensor? valid, Tensor? src, Tensor(a!) out) -> ()");
   m.def("build_info() -> str", &build_info);
 }
 

@@ -13,7 +13,7 @@ drop-in replacement for its ``Refiner``, ``MattingBase`` and ``MattingRefine``.
 from . import _extension
 from ._backend import BACKENDS
 from . import ops, reference
-from .ops import compose, crop, crop_into, replace, select_sampling, select_thresholding
+from .ops import compose, compose_into, crop, crop_into, replace, select_sampling, select_thresholding
 from .refiner import Refiner
 from .models import MattingBase, MattingRefine, accelerate
 from .graphs import cuda_graph
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = ["Refiner", "MattingBase", "MattingRefine", "accelerate", "cuda_graph",
            "ops", "reference", "select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose",
-           "BACKENDS", "build_info", "extension_available", "library_path", "convert_video"]
+           "compose_into", "BACKENDS", "build_info", "extension_available", "library_path", "convert_video"]
 
 
 def __getattr__(name):

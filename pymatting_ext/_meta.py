@@ -45,8 +45,13 @@ def compose_fake(coarse, patches, idx, valid, size, src):
     return coarse.new_empty((coarse.shape[0], coarse.shape[1], size[0], size[1]))
 
 
+def compose_into_fake(coarse, patches, idx, valid, src, out):
+    return None
+
+
 FAKES = {"select_sampling": select_sampling_fake, "select_thresholding": select_thresholding_fake,
-         "crop": crop_fake, "crop_into": crop_into_fake, "replace": replace_fake, "compose": compose_fake}
+         "crop": crop_fake, "crop_into": crop_into_fake, "replace": replace_fake, "compose": compose_fake,
+         "compose_into": compose_into_fake}
 
 
 def register(namespace: str):

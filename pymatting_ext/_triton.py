@@ -2,7 +2,7 @@
 pymatting_ext.triton_kernels) registered as ops in the namespace
 ``pymatting_ext_triton``, with the schemas of the C++ ops.
 
-crop, crop_into, replace, compose and select_sampling are
+crop, crop_into, replace, compose, compose_into and select_sampling are
 ``torch.library.triton_op``s, so torch.compile traces into their launches;
 select_thresholding reads its output size back from the device, so it is an
 opaque custom op with a fake kernel of data-dependent size, as the C++ op.
@@ -28,7 +28,7 @@ from torch import Tensor
 from . import triton_kernels as _k
 from . import _autograd
 from ._meta import FAKES
-from .triton_kernels.compose import compose as _compose, replace as _replace
+from .triton_kernels.compose import compose as _compose, compose_into as _compose_into, replace as _replace
 from .triton_kernels.crop import crop as _crop, crop_into as _crop_into
 from .triton_kernels.select import select_sampling as _select_sampling
 from .triton_kernels.select import select_thresholding as _select_thresholding
@@ -88,6 +88,12 @@ def replace(x: Tensor, patches: Tensor, idx: Tensor, valid: Optional[Tensor]) ->
 def compose(coarse: Tensor, patches: Tensor, idx: Tensor, valid: Optional[Tensor], size: List[int],
             src: Optional[Tensor]) -> Tensor:
     return _compose(coarse, patches, idx, valid, size, src)
+
+
+@_op("compose_into", mutates_args={"out"})
+def compose_into(coarse: Tensor, patches: Tensor, idx: Tensor, valid: Optional[Tensor], src: Optional[Tensor],
+                 out: Tensor) -> None:
+    _compose_into(coarse, patches, idx, valid, src, out)
 
 
 _autograd.register(_NS)

@@ -14,7 +14,7 @@ import torch
 from . import reference
 from ._backend import resolve
 
-__all__ = ["select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose"]
+__all__ = ["select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose", "compose_into"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -224,6 +224,38 @@ def compose(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
     MattingRefine's epilogue: channel 0 clamped to [0, 1], the others
     clamp(value + src, 0, 1)."""
     op = "compose"
+    size = _check_compose(op, coarse, patches, idx, valid, size, src)
+    b = resolve(backend, coarse.device, coarse.dtype)
+    if b != "cpu":
+        _check_idx_values(op, idx, (coarse.shape[0], size[0] // patches.shape[3], size[1] // patches.shape[3]))
+    return run_compose(b, coarse, patches, idx, valid, size, src)
+
+
+def compose_into(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
+                 valid: Optional[torch.Tensor], src: Optional[torch.Tensor], out: torch.Tensor, *,
+                 backend: str = "auto") -> None:
+    """compose, written into ``out``: a contiguous (B, C, H, W) tensor of
+    coarse's dtype and device, whose height and width are the output's
+    size. Reusing one ``out`` across calls spares a fresh full-resolution
+    allocation (and, on the CPU, its page faults) per call. Not
+    differentiable (it writes in place)."""
+    op = "compose_into"
+    _check_tensor(op, "out", out, 4, "(B, C, H, W)")
+    size = _check_compose(op, coarse, patches, idx, valid, tuple(out.shape[2:]), src)
+    _check_like(op, "out", out, "coarse", coarse)
+    if tuple(out.shape[:2]) != tuple(coarse.shape[:2]):
+        raise ValueError(f"{op}: out must have coarse's batch size and channels "
+                         f"({coarse.shape[0]}, {coarse.shape[1]}, H, W), got {tuple(out.shape)}")
+    if not out.is_contiguous():
+        raise ValueError(f"{op}: out must be contiguous, got strides {tuple(out.stride())}")
+    b = resolve(backend, coarse.device, coarse.dtype)
+    if b != "cpu":
+        _check_idx_values(op, idx, (coarse.shape[0], size[0] // patches.shape[3], size[1] // patches.shape[3]))
+    run_compose_into(b, coarse, patches, idx, valid, src, out)
+
+
+def _check_compose(op, coarse, patches, idx, valid, size, src):
+    """The checks of compose and compose_into; returns size as a tuple."""
     _check_tensor(op, "coarse", coarse, 4, "(B, C, Hc, Wc)")
     _check_dtype(op, "coarse", coarse)
     if coarse.shape[2] == 0 or coarse.shape[3] == 0:
@@ -242,10 +274,7 @@ def compose(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
         if coarse.shape[1] < 2 or tuple(src.shape) != want:
             raise ValueError(f"{op}: src must have shape {want} (coarse holds alpha then the foreground), "
                              f"got {tuple(src.shape)}")
-    b = resolve(backend, coarse.device, coarse.dtype)
-    if b != "cpu":
-        _check_idx_values(op, idx, (coarse.shape[0], size[0] // s, size[1] // s))
-    return run_compose(b, coarse, patches, idx, valid, size, src)
+    return size
 
 
 # The ops without argument checks, on a resolved backend. For callers that
@@ -297,3 +326,12 @@ def run_compose(backend: str, coarse, patches, idx, valid, size, src=None):
     if backend == "reference":
         return reference.compose(coarse, patches, idx, valid, tuple(size), src)
     return _compiled(backend).compose(coarse, patches, idx, valid, list(size), src)
+
+
+def run_compose_into(backend: str, coarse, patches, idx, valid, src, out):
+    """run_compose writing into the contiguous out (B, C, H, W) instead of a
+    new tensor."""
+    if backend == "reference":
+        reference.compose_into(coarse, patches, idx, valid, src, out)
+    else:
+        _compiled(backend).compose_into(coarse, patches, idx, valid, src, out)

@@ -10,7 +10,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose", "refine"]
+__all__ = ["select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose", "compose_into",
+           "refine"]
 
 
 def _bilinear(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -120,6 +121,12 @@ def compose(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
     if src is not None:
         out = torch.cat([out[:, :1].clamp(0, 1), (out[:, 1:] + src).clamp(0, 1)], 1)
     return out
+
+
+def compose_into(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
+                 valid: Optional[torch.Tensor], src: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """compose's output (of out's height and width) written into out."""
+    out.copy_(compose(coarse, patches, idx, valid, tuple(out.shape[2:]), src))
 
 
 def refine(refiner: torch.nn.Module, src, bgr, pha, fgr, err, hid):

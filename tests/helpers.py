@@ -143,7 +143,8 @@ def check_refiner_in_a_cuda_graph(backend, prevent, size=(2, 256, 384, 64, 96), 
 def op_calls(backend, device="cpu", seed=0):
     """{op name: a function calling pymatting_ext.ops.run_<op> on `backend`
     with fixed random inputs on `device` (from `seed`) and returning its
-    outputs as a tuple}: every op, crop_into writing into a fresh buffer."""
+    outputs as a tuple}: every op, crop_into and compose_into writing into a
+    fresh buffer."""
     import pymatting_ext as pm
     from pymatting_ext import reference
 
@@ -160,6 +161,11 @@ def op_calls(backend, device="cpu", seed=0):
         ops.run_crop_into(backend, [src], idx, 4, 2, (120, 160), 7, out)
         return (out,)
 
+    def compose_into():
+        out = torch.full_like(x, float("nan"))
+        ops.run_compose_into(backend, coarse, patches, idx, valid, src, out)
+        return (out,)
+
     return {
         "select_sampling": lambda: tuple(ops.run_select_sampling(backend, err, 200, True)),
         "select_thresholding": lambda: tuple(ops.run_select_thresholding(backend, err, 0.5)),
@@ -167,4 +173,5 @@ def op_calls(backend, device="cpu", seed=0):
         "crop_into": crop_into,
         "replace": lambda: (ops.run_replace(backend, x, patches, idx, valid),),
         "compose": lambda: (ops.run_compose(backend, coarse, patches, idx, valid, (120, 160), src),),
+        "compose_into": compose_into,
     }

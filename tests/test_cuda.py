@@ -531,6 +531,23 @@ def test_compose_keeps_nan_and_rounds_like_matting_refine():
         assert_matches_cuda_reference(got, want, str(dtype), cancellation=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("storage_offset", [0, 1, 2])
+@pytest.mark.parametrize("s", [4, 3])
+def test_compose_into_writes_what_compose_returns(dtype, storage_offset, s):
+    # out may start anywhere in its storage: the vector stores then give way.
+    B, H, W = 2, 12 * s, 10 * s
+    coarse = torch.rand(B, 4, 7, 9).to(dtype).cuda()
+    _, patches, idx, valid = replace_case(B, 4, H, W, 30, s, dtype)
+    src = torch.rand(B, 3, H, W).to(dtype).cuda()
+    want = ops.compose(coarse, patches, idx, valid, [H, W], src)
+    flat = torch.full((storage_offset + B * 4 * H * W,), float("nan"), dtype=dtype, device="cuda")
+    out = flat[storage_offset:].view(B, 4, H, W)
+    assert ops.compose_into(coarse, patches, idx, valid, src, out) is None
+    assert torch.equal(out, want)
+    assert bool(flat[:storage_offset].isnan().all())
+
+
 def test_patch_ops_never_synchronise():
     x = torch.rand(2, 4, 64, 96, device="cuda")
     _, patches, idx, valid = replace_case(2, 4, 64, 96, 100, 4, torch.float32)
@@ -544,7 +561,9 @@ def test_patch_ops_never_synchronise():
         ops.crop_into([x], idx, 4, 2, [64, 96], 8, out)
         ops.replace(x, patches, idx, valid)
         ops.compose(coarse, patches, idx, valid, [64, 96], src)
+        ops.compose_into(coarse, patches, idx, valid, src, composed)
 
+    composed = torch.empty(2, 4, 64, 96, device="cuda")
     run()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -595,6 +614,17 @@ def test_argument_checks_match_the_cpu_kernels():
     both(lambda d: ops.crop([torch.rand(0, 3, 4, 4, device=d)], one.to(d), 2, 0, [4, 4], [2, 2]))
     both(lambda d: ops.crop_into([torch.rand(0, 3, 4, 4, device=d)], one.to(d), 2, 0, [4, 4], 0,
                                  torch.empty(1, 3, 2, 2, device=d).contiguous(memory_format=torch.channels_last)))
+
+    # compose_into's out.
+    def compose_into(d, out):
+        return ops.compose_into(torch.rand(2, 4, 2, 2, device=d), torch.rand(1, 4, 4, 4, device=d),
+                                torch.zeros((1, 3), dtype=torch.long, device=d), None, None, out)
+
+    both(lambda d: compose_into(d, torch.empty(2, 4, 8, device=d)))
+    both(lambda d: compose_into(d, torch.empty(2, 3, 8, 8, device=d)))
+    both(lambda d: compose_into(d, torch.empty(2, 4, 8, 8, device=d, dtype=torch.float64)))
+    both(lambda d: compose_into(d, torch.empty(2, 4, 8, 8, device=d).contiguous(memory_format=torch.channels_last)))
+    both(lambda d: compose_into(d, torch.empty(2, 4, 8, 6, device=d)))
 
     # crop_into's out.
     two = torch.zeros((2, 3), dtype=torch.long)

@@ -29,6 +29,8 @@ def samples(device, dtype):
         (OPS.replace.default, (torch.rand(2, 4, 40, 48, device=device, dtype=dtype), patches, idx, None)),
         (OPS.compose.default, (coarse, patches, idx, valid, [40, 48], src)),
         (OPS.compose.default, (coarse, patches, idx, None, [40, 48], None)),
+        (OPS.compose_into.default, (coarse, patches, idx, valid, src,
+                                    torch.zeros(2, 4, 40, 48, device=device, dtype=dtype))),
     ]
 
 

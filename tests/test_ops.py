@@ -335,3 +335,68 @@ def test_compose_keeps_nan(backend):
                              (16, 16), src)
     assert bool(torch.isnan(got).any())
     assert torch.equal(torch.isnan(got), torch.isnan(want))
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES + [pytest.param("cpu", "reference", id="cpu-reference")])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,Hc,Wc,H,W,P", [(1, 5, 7, 20, 28, 9), (2, 30, 41, 120, 164, 200)])
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_compose_into_writes_what_compose_returns(device, backend, dtype, B, Hc, Wc, H, W, P, epilogue):
+    skip_unsupported(backend, dtype)
+    coarse = (torch.rand(B, 4, Hc, Wc) * 1.4 - 0.2).to(dtype).to(device)
+    _, patches, idx, valid = replace_case(B, 4, H, W, P, 4, device, dtype)
+    src = torch.rand(B, 3, H, W).to(dtype).to(device) if epilogue else None
+    want = pm.compose(coarse, patches, idx, valid, (H, W), src, backend=backend)
+    # Every element written, also into an out that starts one element into
+    # its storage (not 16-byte aligned), and again into a used one.
+    for offset in (0, 1):
+        out = torch.full((offset + B * 4 * H * W,), float("nan"), dtype=dtype, device=device)[offset:]
+        out = out.view(B, 4, H, W)
+        assert pm.compose_into(coarse, patches, idx, valid, src, out, backend=backend) is None
+        assert torch.equal(out, want)
+    other = pm.compose(coarse, patches.flip(0), idx, None, (H, W), src, backend=backend)
+    pm.compose_into(coarse, patches.flip(0), idx, None, src, out, backend=backend)
+    assert torch.equal(out, other)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_compose_into_rejects_bad_out(device, backend):
+    coarse = torch.rand(2, 4, 5, 7, device=device)
+    patches = torch.rand(2, 4, 4, 4, device=device)
+    idx = torch.tensor([[0, 1, 1], [1, 4, 6]], device=device)
+
+    def run(out, src=None):
+        pm.compose_into(coarse, patches, idx, None, src, out, backend=backend)
+
+    with pytest.raises(ValueError, match="compose_into: out must have shape"):
+        run(torch.empty(2, 4, 20, device=device))
+    with pytest.raises(ValueError, match="compose_into: out must have coarse's batch size and channels"):
+        run(torch.empty(3, 4, 20, 28, device=device))
+    with pytest.raises(ValueError, match="compose_into: out must have coarse's batch size and channels"):
+        run(torch.empty(2, 3, 20, 28, device=device))
+    with pytest.raises(ValueError, match="compose_into: out must be contiguous"):
+        run(torch.empty(2, 4, 28, 20, device=device).transpose(2, 3))
+    with pytest.raises(ValueError, match="compose_into: out has dtype torch.float64"):
+        run(torch.empty(2, 4, 20, 28, device=device, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"compose_into: size \(22, 28\) must be divisible"):
+        run(torch.empty(2, 4, 22, 28, device=device))
+    # out's size sets the cell grid that idx is checked against.
+    with pytest.raises((ValueError, RuntimeError), match="compose_into: idx row 1"):
+        run(torch.empty(2, 4, 20, 24, device=device))
+    with pytest.raises(ValueError, match="compose_into: src must have shape"):
+        run(torch.empty(2, 4, 20, 28, device=device), torch.rand(2, 3, 20, 24, device=device))
+    run(torch.empty(2, 4, 20, 28, device=device))  # fits
+
+
+def test_compose_into_op_checks_out_itself():
+    # The raw C++ op, without pymatting_ext.ops' checks.
+    op = torch.ops.pymatting_ext.compose_into
+    coarse, patches = torch.rand(2, 4, 5, 7), torch.rand(1, 4, 4, 4)
+    idx = torch.tensor([[1, 4, 6]])
+    for out, message in [(torch.empty(2, 4, 20), "compose_into: out must have shape"),
+                         (torch.empty(2, 5, 20, 28), "compose_into: out must have coarse's batch size"),
+                         (torch.empty(2, 4, 28, 20).transpose(2, 3), "compose_into: out must be contiguous"),
+                         (torch.empty(2, 4, 20, 28, dtype=torch.float64), "compose_into: out has dtype"),
+                         (torch.empty(2, 4, 20, 24), "compose_into: idx row 0")]:
+        with pytest.raises(RuntimeError, match=message):
+            op(coarse, patches, idx, None, None, out)

@@ -18,7 +18,7 @@ Upstream = pytest.importorskip("BackgroundMattingV2.model.refiner").Refiner
 
 @pytest.mark.parametrize("device,backend", TRITON_CASES)
 def test_triton_ops_are_registered_with_the_cpp_schemas(device, backend):
-    for name in ("select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose"):
+    for name in ("select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose", "compose_into"):
         ours = getattr(torch.ops.pymatting_ext_triton, name).default._schema
         if not _extension.available():
             continue
@@ -56,6 +56,7 @@ def test_triton_opcheck(device, backend):
                                      memory_format=torch.channels_last))),
         (ops.replace.default, (torch.rand(2, 4, 24, 28, device=device), patches, idx, valid)),
         (ops.compose.default, (coarse, patches, idx, valid, [24, 28], src)),
+        (ops.compose_into.default, (coarse, patches, idx, valid, src, torch.zeros(2, 4, 24, 28, device=device))),
     ]
     for op, args in cases:
         result = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

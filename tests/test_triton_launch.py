@@ -28,7 +28,7 @@ from helpers import random_bn_, refiner_inputs
 
 TRITON_CASES = [c for c in BACKEND_CASES if c.values[1] == "triton"]
 
-OP_NAMES = ("select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose")
+OP_NAMES = ("select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose", "compose_into")
 
 
 # -- helpers -------------------------------------------------------------------
@@ -76,6 +76,11 @@ def op_calls(device, dtype=torch.float32):
         ops.crop_into([a["src"], a["bgr"]], a["idx"], 4, 2, [36, 52], 2, out)
         return (out,)
 
+    def compose_into():
+        out = torch.full_like(a["x"], float("nan"))
+        ops.compose_into(a["coarse"], a["patches"], a["idx"], a["valid"], a["src"][:, :3], out)
+        return (out,)
+
     return {
         "select_sampling": lambda: tuple(ops.select_sampling(a["err"], 40, True)),
         "select_thresholding": lambda: tuple(ops.select_thresholding(a["err"], 0.5)),
@@ -84,6 +89,7 @@ def op_calls(device, dtype=torch.float32):
         "replace": lambda: (ops.replace(a["x"], a["patches"], a["idx"], a["valid"]),),
         "compose": lambda: (ops.compose(a["coarse"], a["patches"], a["idx"], a["valid"], [36, 52],
                                         a["src"][:, :3]),),
+        "compose_into": compose_into,
     }
 
 
@@ -323,7 +329,8 @@ def _compiled_path_main():
     # torch finds each triton_op's kernels (for its compile cache keys).
     want = {"select_sampling": {"_radix_histogram_kernel", "_radix_count_kernel", "_radix_write_kernel"},
             "crop": {"_crop_kernel"}, "crop_into": {"_crop_kernel"},
-            "replace": {"_cell_map_kernel", "_replace_kernel"}, "compose": {"_cell_map_kernel", "_compose_kernel"}}
+            "replace": {"_cell_map_kernel", "_replace_kernel"}, "compose": {"_cell_map_kernel", "_compose_kernel"},
+            "compose_into": {"_cell_map_kernel", "_compose_kernel"}}
     for name, kernels in want.items():
         found = {k.fn.__name__ for k in get_triton_kernels_for_op(f"pymatting_ext_triton::{name}")}
         assert found == kernels, (name, found)
@@ -342,6 +349,7 @@ def _compiled_path_main():
     out = a["out"].clone()
     ref.crop_into([a["src"], a["bgr"]], a["idx"], 4, 2, (36, 52), 2, out)
     expected["crop_into"] = (out,)
+    expected["compose_into"] = expected["compose"]
     for name, want_out in expected.items():
         for g, w in zip(results[name], want_out):
             torch.testing.assert_close(g, w, atol=1e-6, rtol=0, equal_nan=True, msg=name)
@@ -350,7 +358,7 @@ def _compiled_path_main():
 
     # Traced: fake tensors take torch's wrap_triton path, the graph launches
     # the kernels through its higher-order op.
-    for name in ("crop", "crop_into", "compose", "select_sampling"):
+    for name in ("crop", "crop_into", "compose", "compose_into", "select_sampling"):
         fn = calls[name]
         torch._dynamo.reset()
         traced = torch.compile(fn, backend="aot_eager", fullgraph=True)()

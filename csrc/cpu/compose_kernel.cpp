@@ -22,21 +22,20 @@ inline scalar_t clamp01(scalar_t v) {
   return v < scalar_t(0) ? scalar_t(0) : (v > scalar_t(1) ? scalar_t(1) : v);
 }
 
-at::Tensor compose_cpu(const at::Tensor& coarse, const at::Tensor& patches, const at::Tensor& idx,
-                       const c10::optional<at::Tensor>& valid, at::IntArrayRef size,
-                       const c10::optional<at::Tensor>& src) {
-  const char* op = "compose";
-  check_compose_args(op, coarse, patches, idx, valid, size, src, at::kCPU);
+// Writes the output into out, a contiguous (B, C, H, W) tensor; the
+// arguments are checked by the caller.
+void compose_impl(const char* op, const at::Tensor& coarse, const at::Tensor& patches,
+                  const at::Tensor& idx, const c10::optional<at::Tensor>& valid,
+                  const c10::optional<at::Tensor>& src, const at::Tensor& out) {
   const int64_t B = coarse.size(0), C = coarse.size(1), HCo = coarse.size(2), WCo = coarse.size(3);
-  const int64_t H = size[0], W = size[1];
+  const int64_t H = out.size(2), W = out.size(3);
   const int64_t s = patches.size(3);
 
   const at::Tensor idx_c = idx.contiguous();
   const int64_t HB = H / s, WB = W / s;
   const std::vector<int32_t> map = cell_map(op, idx_c, valid, B, HB, WB);
-  at::Tensor out = at::empty({B, C, H, W}, coarse.options());
   if (out.numel() == 0) {
-    return out;
+    return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, coarse.scalar_type(), "compose_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -122,13 +121,31 @@ at::Tensor compose_cpu(const at::Tensor& coarse, const at::Tensor& patches, cons
       }
     });
   });
+}
+
+at::Tensor compose_cpu(const at::Tensor& coarse, const at::Tensor& patches, const at::Tensor& idx,
+                       const c10::optional<at::Tensor>& valid, at::IntArrayRef size,
+                       const c10::optional<at::Tensor>& src) {
+  const char* op = "compose";
+  check_compose_args(op, coarse, patches, idx, valid, size, src, at::kCPU);
+  at::Tensor out = at::empty({coarse.size(0), coarse.size(1), size[0], size[1]}, coarse.options());
+  compose_impl(op, coarse, patches, idx, valid, src, out);
   return out;
+}
+
+void compose_into_cpu(const at::Tensor& coarse, const at::Tensor& patches, const at::Tensor& idx,
+                      const c10::optional<at::Tensor>& valid, const c10::optional<at::Tensor>& src,
+                      const at::Tensor& out) {
+  const char* op = "compose_into";
+  check_compose_into_args(op, coarse, patches, idx, valid, src, out, at::kCPU);
+  compose_impl(op, coarse, patches, idx, valid, src, out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pymatting_ext, CPU, m) {
   m.impl("compose", &compose_cpu);
+  m.impl("compose_into", &compose_into_cpu);
 }
 
 }  // namespace cpu

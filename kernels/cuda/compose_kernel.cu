@@ -170,32 +170,33 @@ __global__ void __launch_bounds__(kBX * kBY)
   }
 }
 
-at::Tensor compose_cuda(const at::Tensor& coarse, const at::Tensor& patches, const at::Tensor& idx,
-                        const c10::optional<at::Tensor>& valid, at::IntArrayRef size,
-                        const c10::optional<at::Tensor>& src) {
-  const char* op = "compose";
-  check_compose_args(op, coarse, patches, idx, valid, size, src, at::kCUDA);
+// Writes the output into out, a contiguous (B, C, H, W) tensor on coarse's
+// device; the arguments are checked by the caller.
+void compose_impl(const char* op, const at::Tensor& coarse, const at::Tensor& patches,
+                  const at::Tensor& idx, const c10::optional<at::Tensor>& valid,
+                  const c10::optional<at::Tensor>& src, const at::Tensor& out) {
   const int64_t B = coarse.size(0), C = coarse.size(1), HCo = coarse.size(2), WCo = coarse.size(3);
-  const int64_t H = size[0], W = size[1];
+  const int64_t H = out.size(2), W = out.size(3);
   const int64_t s = patches.size(3);
   const at::cuda::OptionalCUDAGuard guard(coarse.device());
 
   const at::Tensor idx_c = idx.contiguous();
   const int64_t HB = H / s, WB = W / s;
   const at::Tensor map = cell_map(op, idx_c, valid, B, HB, WB);
-  at::Tensor out = at::empty({B, C, H, W}, coarse.options());
   if (out.numel() == 0) {
-    return out;
+    return;
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, coarse.scalar_type(), "compose_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    // Four elements a thread where the rows allow it (out is fresh and
-    // contiguous): 16-byte stores (float32; float64 takes two a thread),
-    // 8-byte ones for 16-bit types, whose 8-wide vectors would double the
-    // registers (~128) and halve the occupancy for no gain in bandwidth.
+    // Four elements a thread where the rows allow it (out is contiguous;
+    // compose_into's may start unaligned): 16-byte stores (float32; float64
+    // takes two a thread), 8-byte ones for 16-bit types, whose 8-wide
+    // vectors would double the registers (~128) and halve the occupancy for
+    // no gain in bandwidth.
     constexpr int kVecMax = sizeof(scalar_t) == 8 ? 2 : 4;
-    const bool vec = W % kVecMax == 0;
+    const bool vec = W % kVecMax == 0 &&
+                     reinterpret_cast<uintptr_t>(out.data_ptr()) % (kVecMax * sizeof(scalar_t)) == 0;
     const int vec_len = vec ? kVecMax : 1;
     const opmath_t sh = linear_scale<opmath_t>(HCo, H), sw = linear_scale<opmath_t>(WCo, W);
     // NB: the kernel's offsets within a row are 32-bit; rows that span 2^31
@@ -233,9 +234,9 @@ at::Tensor compose_cuda(const at::Tensor& coarse, const at::Tensor& patches, con
           sw);
     };
     // NB: the refiner's s = 4 gets its own kernel, with the cell arithmetic
-    // as shifts; W % 4 == 0 then, so its rows always take vectors.
-    if (s == 4) {
-      TORCH_INTERNAL_ASSERT(vec);
+    // as shifts; W % 4 == 0 then, so its rows take vectors unless
+    // compose_into's out starts unaligned (the generic kernel then).
+    if (s == 4 && vec) {
       launch(std::true_type{}, std::true_type{});
     } else if (vec) {
       launch(std::false_type{}, std::true_type{});
@@ -244,13 +245,31 @@ at::Tensor compose_cuda(const at::Tensor& coarse, const at::Tensor& patches, con
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor compose_cuda(const at::Tensor& coarse, const at::Tensor& patches, const at::Tensor& idx,
+                        const c10::optional<at::Tensor>& valid, at::IntArrayRef size,
+                        const c10::optional<at::Tensor>& src) {
+  const char* op = "compose";
+  check_compose_args(op, coarse, patches, idx, valid, size, src, at::kCUDA);
+  at::Tensor out = at::empty({coarse.size(0), coarse.size(1), size[0], size[1]}, coarse.options());
+  compose_impl(op, coarse, patches, idx, valid, src, out);
   return out;
+}
+
+void compose_into_cuda(const at::Tensor& coarse, const at::Tensor& patches, const at::Tensor& idx,
+                       const c10::optional<at::Tensor>& valid, const c10::optional<at::Tensor>& src,
+                       const at::Tensor& out) {
+  const char* op = "compose_into";
+  check_compose_into_args(op, coarse, patches, idx, valid, src, out, at::kCUDA);
+  compose_impl(op, coarse, patches, idx, valid, src, out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pymatting_ext, CUDA, m) {
   m.impl("compose", &compose_cuda);
+  m.impl("compose_into", &compose_into_cuda);
 }
 
 }  // namespace cuda

@@ -19,8 +19,8 @@ tests them without a GPU.
 from .common import compiled
 from .select import select_sampling, select_thresholding
 from .crop import crop, crop_into
-from .compose import compose, replace
+from .compose import compose, compose_into, replace
 from .warmup import compiled_variants, warmup
 
-__all__ = ["select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose", "compiled",
-           "warmup", "compiled_variants"]
+__all__ = ["select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose", "compose_into",
+           "compiled", "warmup", "compiled_variants"]

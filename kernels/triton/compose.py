@@ -178,12 +178,33 @@ def compose(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
             valid: Optional[torch.Tensor], size: Sequence[int],
             src: Optional[torch.Tensor] = None) -> torch.Tensor:
     check_dtype("compose", "coarse", coarse)
+    B, C = coarse.shape[:2]
+    out = torch.empty((B, C, int(size[0]), int(size[1])), dtype=coarse.dtype, device=coarse.device)
+    _compose(coarse, patches, idx, valid, src, out)
+    return out
+
+
+def compose_into(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
+                 valid: Optional[torch.Tensor], src: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """compose written into out, contiguous (B, C, H, W) (checked: the
+    kernel addresses it as such)."""
+    check_dtype("compose_into", "coarse", coarse)
+    torch._check(out.dim() == 4, lambda: f"compose_into: out must be (B, C, H, W), got {tuple(out.shape)}")
+    torch._check(out.shape[0] == coarse.shape[0] and out.shape[1] == coarse.shape[1],
+                 lambda: f"compose_into: out must have coarse's batch size and channels, got {tuple(out.shape)}")
+    torch._check(out.dtype == coarse.dtype, lambda: "compose_into: out must have coarse's dtype")
+    torch._check(out.device == coarse.device, lambda: "compose_into: out must be on coarse's device")
+    torch._check(out.is_contiguous(), lambda: "compose_into: out must be contiguous")
+    _compose(coarse, patches, idx, valid, src, out)
+
+
+def _compose(coarse, patches, idx, valid, src, out):
+    """The cell map and the writing launches of compose into out."""
     B, C, Hc, Wc = coarse.shape
-    H, W = int(size[0]), int(size[1])
+    H, W = out.shape[2], out.shape[3]
     s = patches.shape[-1]
-    out = torch.empty((B, C, H, W), dtype=coarse.dtype, device=coarse.device)
     if out.numel() == 0:
-        return out
+        return
     src_t = src if src is not None else coarse
     with device_guard(coarse.device):
         cells = _cell_map(idx, valid, B, H // s, W // s, coarse.device)
@@ -196,4 +217,3 @@ def compose(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
                 *coarse.stride(), *patches.stride(), *src_t.stride(),
                 S=s, SAME=(Hc, Wc) == (H, W), EPILOGUE=src is not None, ROUND=round_weights(coarse.device),
                 ROWS=rows, BLOCK=block)
-    return out
