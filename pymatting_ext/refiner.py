@@ -68,6 +68,12 @@ def _py_compose(backend: str, coarse: Tensor, patches: Tensor, idx: Tensor, vali
 
 
 @torch.jit.unused
+def _py_compose_into(backend: str, coarse: Tensor, patches: Tensor, idx: Tensor, valid: Optional[Tensor],
+                     src: Optional[Tensor], out: Tensor) -> None:
+    ops.run_compose_into(backend, coarse, patches, idx, valid, src, out)
+
+
+@torch.jit.unused
 def _py_refine_fused(src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, hid: Tensor, idx: Tensor,
                      valid: Optional[Tensor], folded: List[Tensor], kernel_size: int, epilogue: bool) -> Tensor:
     from ._fused import refine_sparse
@@ -228,6 +234,19 @@ class Refiner(nn.Module):
     (pymatting_ext._tiles); the results are the same. False computes every
     cell alone, as on a GPU (where planning would wait on the device).
 
+    ``reuse_output`` (default False; sparse modes, op set): write pha and fgr
+    into one full-resolution buffer kept from the previous call of the same
+    shape, dtype and device, instead of a new one each call. On the CPU a
+    new 4K output is ~133 MB of fresh pages from the OS, and their page
+    faults cost more than writing it; reused, they are paid once. The
+    returned pha and fgr are then views of that buffer, overwritten by the
+    next call: copy them (or finish with them) before calling again, and do
+    not call one such Refiner from several threads at once. It applies only
+    to inference without autograd (eval mode, or no input or parameter
+    requiring grad under grad mode), in eager Python: training, autograd,
+    TorchScript, torch.compile traces and CUDA graph captures get a new
+    output every call, as without it.
+
     Input: src, bgr (B, 3, H, W) with H and W divisible by 4; pha (B, 1, Hc, Wc),
     fgr (B, 3, Hc, Wc), err (B, 1, Hc, Wc), hid (B, 32, Hc, Wc).
     Output: pha (B, 1, H, W), fgr (B, 3, H, W), ref (B, 1, H/4, W/4).
@@ -238,7 +257,8 @@ class Refiner(nn.Module):
     def __init__(self, mode: str, sample_pixels: int, threshold: float, kernel_size: int = 3,
                  prevent_oversampling: bool = True, patch_crop_method: str = "unfold",
                  patch_replace_method: str = "scatter_nd", *, backend: str = "auto",
-                 max_patches: Optional[int] = None, fused: Optional[bool] = None, merge_cells: bool = True):
+                 max_patches: Optional[int] = None, fused: Optional[bool] = None, merge_cells: bool = True,
+                 reuse_output: bool = False):
         super().__init__()
         if mode not in _MODES:
             raise ValueError(f"Refiner: mode must be one of {_MODES}, got {mode!r}")
@@ -269,10 +289,13 @@ class Refiner(nn.Module):
             raise ValueError(f"Refiner: fused must be None, True or False, got {fused!r}")
         if not isinstance(merge_cells, bool):
             raise ValueError(f"Refiner: merge_cells must be True or False, got {merge_cells!r}")
+        if not isinstance(reuse_output, bool):
+            raise ValueError(f"Refiner: reuse_output must be True or False, got {reuse_output!r}")
         self.backend = backend
         self.max_patches = max_patches
         self.fused = fused
         self.merge_cells = merge_cells
+        self.reuse_output = reuse_output
 
         channels = [32, 24, 16, 12, 4]
         self.conv1 = nn.Conv2d(channels[0] + 6 + 4, channels[1], kernel_size, bias=False)
@@ -303,7 +326,7 @@ class Refiner(nn.Module):
     # -- layers ---------------------------------------------------------------
 
     # NB: not state: never saved, scripted or compared.
-    __jit_ignored_attributes__ = ["_fold_cache"]
+    __jit_ignored_attributes__ = ["_fold_cache", "_kept_output"]
 
     def _folded(self) -> List[Tensor]:
         """[w1, b1, ..., w4, b4]: the four convolutions with BatchNorm folded in
@@ -507,8 +530,37 @@ class Refiner(nn.Module):
                 parts.append(self._patches(backend, idx[i:i + chunk], src, bgr, pha, fgr, hid, folded))
             x = torch.cat(parts)
         # (Under autocast the convolutions may return a lower precision.)
-        out = _compose(backend, coarse, x.to(coarse.dtype), idx, valid, [H, W], src if epilogue else None)
+        x = x.to(coarse.dtype)
+        epilogue_src: Optional[Tensor] = src if epilogue else None
+        if not torch.jit.is_scripting():
+            kept = self._output_to_reuse(coarse, x, epilogue_src, H, W)
+            if kept is not None:
+                _py_compose_into(backend, coarse, x, idx, valid, epilogue_src, kept)
+                return kept[:, :1], kept[:, 1:], ref
+        out = _compose(backend, coarse, x, idx, valid, [H, W], epilogue_src)
         return out[:, :1], out[:, 1:], ref
+
+    @torch.jit.unused
+    def _output_to_reuse(self, coarse: Tensor, patches: Tensor, src: Optional[Tensor], H: int,
+                         W: int) -> Optional[Tensor]:
+        """With reuse_output, the (B, C, H, W) buffer that compose writes
+        into: the previous call's where shape, dtype and device match, else
+        a new one kept for the next call. None where a new output is due
+        (see the class docstring): reuse off, autograd, a torch.compile
+        trace, a CUDA graph capture."""
+        if not getattr(self, "reuse_output", False) or torch.compiler.is_compiling() or _capturing(coarse.device):
+            return None
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (coarse, patches, src)):
+            return None
+        shape = (coarse.shape[0], coarse.shape[1], H, W)
+        kept = self.__dict__.get("_kept_output")
+        if kept is None or tuple(kept.shape) != shape or kept.dtype != coarse.dtype or kept.device != coarse.device:
+            # NB: a plain tensor (not an inference tensor), so that calls in
+            # and out of inference_mode can all write it.
+            with torch.inference_mode(False):
+                kept = torch.empty(shape, dtype=coarse.dtype, device=coarse.device)
+            self.__dict__["_kept_output"] = kept
+        return kept
 
     @torch.jit.unused
     def _fused_ok(self, backend: str, folded: List[Tensor], src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor,

@@ -2,6 +2,8 @@
 same weights: every mode, both kernel sizes, prevent_oversampling on and off,
 several resolutions and backbone scales, batch > 1, both backends, eval and
 training, dtypes, and the compatibility arguments."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -432,3 +434,95 @@ def test_max_patches_is_checked():
     for bad in (0, -3, 2.5, True, "10"):
         with pytest.raises(ValueError, match="max_patches must be a positive int or None"):
             pm.Refiner("sampling", 100, 0.1, max_patches=bad)
+
+
+# -- reuse_output: one full-resolution output kept across calls ------------------
+
+@pytest.mark.parametrize("mode", ["sampling", "thresholding"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_reuse_output_writes_every_call_into_one_buffer(mode, backend):
+    _, fresh = pair(mode, 16 * 60, 0.4, backend=backend)
+    kept = pm.Refiner(mode, 16 * 60, 0.4, backend=backend, reuse_output=True)
+    kept.load_state_dict(fresh.state_dict())
+    fresh.eval(), kept.eval()
+    x, y = inputs(2, 64, 96, 0.25), inputs(2, 64, 96, 0.25, err=torch.rand(2, 1, 16, 24))
+    with torch.no_grad():
+        first = kept(*x)
+        for a, b in zip(fresh(*x), first):
+            assert torch.equal(a, b)
+        ptr = first[0].data_ptr()
+        second = kept(*y)
+        for a, b in zip(fresh(*y), second):
+            assert torch.equal(a, b)
+        # The same buffer, so the first call's pha and fgr now hold the second's.
+        assert second[0].data_ptr() == ptr and torch.equal(first[0], second[0])
+        assert second[1].data_ptr() == ptr + second[0][0].numel() * second[0].element_size()
+        # forward_matting and inference_mode write the same buffer.
+        with torch.inference_mode():
+            matting = kept.forward_matting(*x)
+        assert matting[0].data_ptr() == ptr
+        for a, b in zip(fresh.forward_matting(*x), matting):
+            assert torch.equal(a, b)
+        second = kept(*y)
+        assert second[0].data_ptr() == ptr
+        # Another size or dtype: a new buffer, kept in its turn.
+        other = kept(*inputs(1, 64, 96, 0.25))
+        assert other[0].data_ptr() != ptr
+        assert kept(*inputs(1, 64, 96, 0.25))[0].data_ptr() == other[0].data_ptr()
+
+
+def test_reuse_output_leaves_autograd_and_training_alone():
+    up, ours = pair("sampling", 16 * 40, prevent=False, reuse_output=True)
+    up.eval(), ours.eval()
+    x = inputs(1, 64, 96, 0.25)
+    # Grad mode with parameters requiring grad: a new output every call, and
+    # the gradients of upstream.
+    a, b = ours(*x), ours(*x)
+    assert a[0].data_ptr() != b[0].data_ptr() and a[0].requires_grad
+    for model in (up, ours):
+        model(*x)[0].sum().backward()
+    assert torch.allclose(up.conv1.weight.grad, ours.conv1.weight.grad, atol=1e-5)
+    # Training: new outputs too.
+    ours.train()
+    a, b = ours(*x), ours(*x)
+    assert a[0].data_ptr() != b[0].data_ptr()
+
+
+def test_reuse_output_is_checked():
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="reuse_output must be True or False"):
+            pm.Refiner("sampling", 100, 0.1, reuse_output=bad)
+
+
+def test_reuse_output_scripts_and_compiles():
+    # TorchScript and torch.compile run the same model with new outputs.
+    _, ours = pair("sampling", 16 * 40, reuse_output=True)
+    ours.eval()
+    x = inputs(2, 64, 96, 0.25)
+    with torch.no_grad():
+        want = [t.clone() for t in ours(*x)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated upstream of us
+            scripted = torch.jit.script(ours)
+        got = scripted(*x)
+        torch._dynamo.reset()
+        compiled = torch.compile(ours, fullgraph=True)(*x)
+    for a, b, c in zip(want, got, compiled):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(c, a, atol=1e-5, rtol=0)
+
+
+@needs_cuda
+def test_reuse_output_in_a_cuda_graph_gets_the_graphs_own_output():
+    _, ours = pair("sampling", 16 * 40, device="cuda", reuse_output=True)
+    ours.eval()
+    x = inputs(1, 64, 96, 0.25, "cuda")
+    with torch.no_grad():
+        eager = [t.clone() for t in ours(*x)]
+        kept = ours(*x)[0].data_ptr()
+        graphed = pm.cuda_graph(ours, *x)
+        replay = graphed(*x)
+        assert replay[0].data_ptr() != kept
+        assert ours(*x)[0].data_ptr() == kept
+    for a, b in zip(eager, replay):
+        assert torch.equal(a, b)
