@@ -24,9 +24,18 @@ Steps:
                  bgr)), each padded, unfolded and advanced-indexed, then cat
   crop/1         ours: crop of [src, bgr] at full resolution (stride 4, padding 2)
                  upstream: cat, pad, unfold, advanced index
+  crop/2 into,   ours: the same crops written by crop_into into an output
+  crop/1 into    allocated once (as the Refiner assembles conv3's input, and
+                 as its chunks of patches reuse malloc's memory): the
+                 kernel's own speed, without the page faults of a fresh
+                 output beyond malloc's mmap threshold (crop/2's 54 MB at HD)
+                 upstream: as in crop/2 and crop/1 (it has no such form)
   compose        ours: compose(cat(pha, fgr), patches, idx, valid, (H, W))
                  upstream: interpolate(cat(pha, fgr)) to H x W, then the
                  scatter_nd replace (view/permute/index-assign)
+  compose into   ours: compose_into an output allocated once (what
+                 Refiner(reuse_output=True) does every call)
+                 upstream: as in compose
   replace        ours: replace(x, patches, idx) (a new tensor)
                  upstream: the scatter_nd replace into x itself (in place)
   replace+clone  upstream's scatter_nd replace into x.clone(): ours' semantics
@@ -227,6 +236,11 @@ def run(args, dev, dtype_name, repeat, warmup):
                 return {b: (lambda b=b: fn(b)) for b in ["reference"] + ours}
 
             cat_coarse = torch.cat([pha, fgr], 1)
+            # Outputs allocated once, for the 'into' steps (written before
+            # timing, so that their pages are resident).
+            half_out = torch.zeros(P, 42, 8, 8, device=dev, dtype=dtype, memory_format=torch.channels_last)
+            full_out = torch.zeros(P, 6, 8, 8, device=dev, dtype=dtype, memory_format=torch.channels_last)
+            composed = torch.zeros_like(x)
             steps = {
                 "select": (None, {"upstream": lambda: upstream_select(err_q, k),
                                   **each(lambda b: ops.run_select_sampling(b, err_q, k, True))}),
@@ -235,9 +249,18 @@ def run(args, dev, dtype_name, repeat, warmup):
                                                                        half))}),
                 "crop/1": (crop1_bytes, {"upstream": lambda: upstream_crop(torch.cat([src, bgr], 1), idx, 4, 2),
                                          **each(lambda b: ops.run_crop(b, [src, bgr], idx, 4, 2, full))}),
+                "crop/2 into": (crop2_bytes, {"upstream": up_crop_half,
+                                              **each(lambda b: ops.run_crop_into(b, [hid, pha, fgr, src, bgr], idx,
+                                                                                 2, 3, half, 0, half_out))}),
+                "crop/1 into": (crop1_bytes, {"upstream": lambda: upstream_crop(torch.cat([src, bgr], 1), idx, 4, 2),
+                                              **each(lambda b: ops.run_crop_into(b, [src, bgr], idx, 4, 2, full, 0,
+                                                                                 full_out))}),
                 "compose": (compose_bytes, {"upstream": up_compose,
                                             **each(lambda b: ops.run_compose(b, cat_coarse, patches, idx, valid,
                                                                              full))}),
+                "compose into": (compose_bytes, {"upstream": up_compose,
+                                                 **each(lambda b: ops.run_compose_into(b, cat_coarse, patches, idx,
+                                                                                       valid, None, composed))}),
                 "replace": (replace_bytes, {"upstream": lambda: upstream_replace_(x, patches, idx),
                                             **each(lambda b: ops.run_replace(b, x, patches, idx, None))}),
                 "replace+clone": (replace_bytes, {"upstream": lambda: upstream_replace_(x.clone(), patches, idx),
@@ -300,7 +323,7 @@ def run(args, dev, dtype_name, repeat, warmup):
                 results[name][step] = {"timings": t, "bytes": nbytes, "GBps": gbs}
                 if cuda:
                     results[name][step]["graph"] = graph
-            del src, bgr, pha, fgr, err, hid, x, patches, steps, cat_coarse
+            del src, bgr, pha, fgr, err, hid, x, patches, steps, cat_coarse, half_out, full_out, composed
             if cuda:
                 torch.cuda.empty_cache()
 
@@ -311,6 +334,16 @@ def run(args, dev, dtype_name, repeat, warmup):
                   "eager median / the replay's")
         columns += ["graph ms", "graph speed-up", "graph GB/s", "graph of copy"]
     out.table(title, columns, rows)
+    auto = pm._backend.resolve("auto", dev, dtype)
+    shares = []
+    for name in args.settings:
+        for step in ("crop/2", "crop/2 into", "crop/1", "crop/1 into", "compose", "compose into"):
+            gbs = (results[name][step]["GBps"] or {}).get(auto)
+            if gbs is not None:
+                faults = results[name][step]["timings"][auto]["page_faults_per_call"]
+                shares.append(f"{name} {step}: {gbs:.1f} GB/s = {100 * gbs / copy_gbs:.0f}% of copy"
+                              + ("" if faults is None else f", {faults:.0f} page faults / call"))
+    out(f"\nOurs ({auto}) against the copy bandwidth ({copy_gbs:.1f} GB/s):\n  " + "\n  ".join(shares))
     out.table("Writing a full-resolution output (median ms): torch.empty_like(x).fill_(0) vs x.fill_(0)",
               ["setting", "shape", "MB", "new tensor ms", "page faults / call", "existing tensor ms"], frows)
     line, info["other_processes_cpu_share"] = contention.report()

@@ -37,9 +37,14 @@ where that saves work (Refiner.merge_cells, the default there) and 'ours
 (cpu, per-cell)' every cell alone: the boundary rows show what merging
 saves, the random rows that it costs nothing where cells are scattered.
 
-Then where ours (with the backend 'auto' picks, cell by cell) spends its
-time: one forward pass re-enacted step by step with a stopwatch between the steps (see
-breakdown), so that the steps add up to the whole refiner. Prints the
+Ours with the backend 'auto' picks also runs with reuse_output=True (the
+full-resolution output kept across calls: no fresh pages, hence no page
+faults, per call).
+
+Then where those two spend their time: Refiner.forward itself with a
+stopwatch around each step's calls (see breakdown), the remainder itemised
+as "other", so that the steps add up to the whole forward timed in the same
+pass; beside it, the forward as the table above timed it alone. Prints the
 tables and writes <out>/refiner_<dtype>.{json,txt} (--out, default
 results/<device>/), and a verdict over the folder (verdict.py).
 """
@@ -56,18 +61,19 @@ from pymatting_ext import ops
 from pymatting_ext._backend import compiled_backends, resolve
 
 import verdict
-from common import (ERR_KINDS, SETTINGS, Contention, Laps, Printer, device_info, header, is_cuda, make_inputs,
-                    minor_faults, parse_common, random_bn_, results_folder, selected_neighbours, timeit,
-                    try_capture, write_results)
+from common import (ERR_KINDS, SETTINGS, Contention, Printer, device_info, header, is_cuda, make_inputs,
+                    minor_faults, parse_common, random_bn_, results_folder, selected_neighbours, sync,
+                    timeit, try_capture, write_results)
 
-STEPS = ("select", "crop", "convolutions", "compose")
+STEPS = ("select", "crop", "convolutions", "fused", "compose", "other")
 STEP_LABELS = {
-    "select": "select (err resize + select_sampling)",
-    "crop": "crop (half-res + full-res)",
-    "convolutions": "convolutions (4 convs, relu, upsample, cat)",
-    "compose": "compose (cat(pha, fgr) + compose)",
+    "select": "select (select_sampling)",
+    "crop": "crop (half-res crop + full-res crop_into)",
+    "convolutions": "convolutions (4 convs + relu)",
+    "fused": "fused patch kernel (Triton)",
+    "compose": "compose (compose or compose_into)",
+    "other": "other (err resize, cats, upsample copy, allocations, checks, Python)",
 }
-
 
 def build(setting, device, dtype):
     """The providers, eval mode, the same weights."""
@@ -83,6 +89,12 @@ def build(setting, device, dtype):
                                           merge_cells=False).eval()
             cells.load_state_dict(up.state_dict())
             providers["ours (cpu, per-cell)"] = cells
+        if backend == resolve("auto", torch.device(device), dtype):
+            # The output kept across calls (no fresh full-resolution pages).
+            kept = pymatting_ext.Refiner("sampling", setting["sample_pixels"], 0.1, 3, False, backend=backend,
+                                         reuse_output=True).eval()
+            kept.load_state_dict(up.state_dict())
+            providers[f"ours ({backend}, reuse_output)"] = kept
         if backend == "triton" and torch.device(device).type == "cuda":
             # On a GPU 'triton' runs the fused patch kernel; the op set too.
             unfused = pymatting_ext.Refiner("sampling", setting["sample_pixels"], 0.1, 3, False, backend=backend,
@@ -107,70 +119,79 @@ def conv_flops_per_patch(refiner):
 
 
 def breakdown(refiner, x, device, warmup, repeat):
-    """Median ms of each step of our refiner's forward pass, re-enacted here
-    as Refiner.forward runs it (eval mode, BatchNorm folded by
-    Refiner._folded, on the CPU crop and convolutions in chunks
-    of Refiner.cpu_chunk_patches), with a stopwatch lap after each step
-    (on CUDA the lap synchronises the device):
+    """Where one forward pass of our refiner goes: Refiner.forward itself,
+    run with a stopwatch around each call it makes to the steps below (on
+    CUDA the stopwatch synchronises the device before and after each), and
+    around the whole call; "other" is the whole minus the steps, so that
+    the steps add up to the whole forward exactly:
 
-      select        bilinear resize of err to H/4 x W/4 + select_sampling
-      crop          crop of [hid, pha, fgr, src, bgr] at half resolution
-                    (stride 2, padding 3) + crop of [src, bgr] at full
-                    resolution (stride 4, padding 2)
-      convolutions  conv1 + relu, conv2 + relu, nearest upsample to 8x8,
-                    cat with the full-res crop, conv3 + relu, conv4, on the
-                    crop outputs as crop returns them (channels-last);
-                    and the cat of the chunks' results
-      compose       cat(pha, fgr) and compose: the full-res output
+      select        _select_sampling / _select_thresholding
+      crop          _crop (half resolution) and _crop_into (full resolution,
+                    into conv3's input), per chunk of patches
+      convolutions  _stage1 (conv1, conv2) and _stage2 (conv3, conv4)
+      fused         the fused Triton patch kernel, where it runs
+      compose       _compose or, with reuse_output, compose_into
+      other         the rest: the err resize, cat(pha, fgr), conv3's input
+                    allocated and the nearest upsample copied into it, the
+                    chunks' cat, argument checks, Python
 
-    Timed in place, each chunk's crop output is still in cache when its
-    convolutions read it, as in forward; timing each step alone over all
-    patches would not be. Returns ({step: summary}, total summary, P)."""
+    Page faults (minor, CPU) are counted per step the same way. Returns
+    ({step: median ms}, median total ms, {step: median faults}, P)."""
+    import resource
+
+    from pymatting_ext import refiner as module
+
     src, bgr, pha, fgr, err, hid = x
     H, W = src.shape[2:]
-    backend = resolve(refiner.backend, src.device, src.dtype)
-    k = min(refiner.sample_pixels // 16, (H // 4) * (W // 4))
-    w1, b1, w2, b2, w3, b3, w4, b4 = refiner._folded()
-    chunk = refiner._chunk_size(backend, True)
+    P = x[0].shape[0] * min(refiner.sample_pixels // 16, (H // 4) * (W // 4))
+    ms = dict.fromkeys(STEPS, 0.0)
+    faults = dict.fromkeys(STEPS, 0)
 
-    def convolutions(half, full):
-        y = F.conv2d(half, w1, b1).relu_()
-        y = F.conv2d(y, w2, b2).relu_()
-        y = torch.cat([F.interpolate(y, 8, mode="nearest"), full], 1)
-        y = F.conv2d(y, w3, b3).relu_()
-        return F.conv2d(y, w4, b4)
+    def faults_now():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-    def one_pass():
-        ms = dict.fromkeys(STEPS, 0.0)
-        laps = Laps(device)
-        err_q = F.interpolate(err, (H // 4, W // 4), mode="bilinear", align_corners=False)
-        _, idx, valid = ops.run_select_sampling(backend, err_q, k, bool(refiner.prevent_oversampling))
-        ms["select"] += laps.lap()
-        P = idx.shape[0]
-        pieces = [idx] if chunk is None or P <= chunk else [idx[i:i + chunk] for i in range(0, P, chunk)]
-        outs = []
-        for rows in pieces:
-            half = ops.run_crop(backend, [hid, pha, fgr, src, bgr], rows, 2, 3, (H // 2, W // 2))
-            full = ops.run_crop(backend, [src, bgr], rows, 4, 2, (H, W))
-            ms["crop"] += laps.lap()
-            outs.append(convolutions(half, full))
-            ms["convolutions"] += laps.lap()
-        patches = outs[0] if len(outs) == 1 else torch.cat(outs)
-        ms["convolutions"] += laps.lap()
-        ops.run_compose(backend, torch.cat([pha, fgr], 1), patches, idx, valid, (H, W))
-        ms["compose"] += laps.lap()
-        return ms, P
+    def timed(fn, step):
+        def call(*args, **kwargs):
+            sync(device)
+            f0, t0 = faults_now(), time.perf_counter()
+            result = fn(*args, **kwargs)
+            sync(device)
+            ms[step] += (time.perf_counter() - t0) * 1e3
+            faults[step] += faults_now() - f0
+            return result
+        return call
 
-    with torch.no_grad():
-        for _ in range(warmup):
-            one_pass()
-        runs = []
-        for _ in range(repeat):
-            ms, P = one_pass()
-            runs.append(ms)
-    median = {s: statistics.median(r[s] for r in runs) for s in STEPS}
-    total = statistics.median(sum(r.values()) for r in runs)
-    return median, total, P
+    patched = {"_select_sampling": "select", "_select_thresholding": "select", "_crop": "crop",
+               "_crop_into": "crop", "_py_refine_fused": "fused", "_compose": "compose",
+               "_py_compose_into": "compose"}
+    saved = {name: getattr(module, name) for name in patched}
+    runs = []
+    try:
+        for name, step in patched.items():
+            setattr(module, name, timed(saved[name], step))
+        refiner._stage1 = timed(type(refiner)._stage1.__get__(refiner), "convolutions")
+        refiner._stage2 = timed(type(refiner)._stage2.__get__(refiner), "convolutions")
+        with torch.no_grad():
+            for i in range(warmup + repeat):
+                for step in STEPS:
+                    ms[step], faults[step] = 0.0, 0
+                sync(device)
+                f0, t0 = faults_now(), time.perf_counter()
+                refiner(*x)
+                sync(device)
+                whole, whole_faults = (time.perf_counter() - t0) * 1e3, faults_now() - f0
+                ms["other"] = whole - sum(ms[s] for s in STEPS if s != "other")
+                faults["other"] = whole_faults - sum(faults[s] for s in STEPS if s != "other")
+                if i >= warmup:
+                    runs.append((dict(ms), whole, dict(faults)))
+    finally:
+        for name in patched:
+            setattr(module, name, saved[name])
+        del refiner._stage1, refiner._stage2
+    median = {s: statistics.median(r[0][s] for r in runs) for s in STEPS}
+    total = statistics.median(r[1] for r in runs)
+    fault_median = {s: statistics.median(r[2][s] for r in runs) for s in STEPS}
+    return median, total, fault_median, P
 
 
 def compare_outputs(captured, eager, dtype):
@@ -274,25 +295,33 @@ def run(args, device, dtype_name, err_kinds, repeat, warmup):
             del outputs
 
             auto = f"ours ({resolve('auto', device, dtype)})"
-            ours = providers[auto]
-            parts, total, P = breakdown(ours, x, device, warmup, repeat)
-            gflops = conv_flops_per_patch(ours) * P / 1e9
-            for step in STEPS:
-                rate = f"{gflops / parts[step] * 1e3:.1f} GFLOP/s" if step == "convolutions" else ""
-                brows.append([name, kind, STEP_LABELS[step], f"{parts[step]:.2f}",
-                              f"{100 * parts[step] / total:.0f}%", rate])
-            conv = parts["convolutions"]
-            brows.append([name, kind, "convolutions | everything else", f"{conv:.2f} | {total - conv:.2f}",
-                          f"{100 * conv / total:.0f}% | {100 * (total - conv) / total:.0f}%", ""])
-            brows.append([name, kind, "sum of the steps", f"{total:.2f}", "100%", ""])
-            # The steps are the per-cell path's: its forward is their yardstick.
-            whole = f"{auto[:-1]}, per-cell)" if f"{auto[:-1]}, per-cell)" in timings else auto
-            brows.append([name, kind, f"(whole refiner, forward, table above: {whole})",
-                          f"{timings[whole]['median_ms']:.2f}", "", ""])
-            results[name]["setting"]["patches"] = P
-            entry = {"selected_cells": selected, "selected_neighbours": nbrs, "timings": timings,
-                     "breakdown_ms": parts, "breakdown_total_ms": total,
-                     "conv_gflop": gflops, "conv_gflops_per_s": gflops / conv * 1e3}
+            entry = {"selected_cells": selected, "selected_neighbours": nbrs, "timings": timings, "breakdown": {}}
+            # Ours as 'auto' picks it, and with the output kept across calls.
+            for label in (auto, f"{auto[:-1]}, reuse_output)"):
+                if label not in providers:
+                    continue
+                ours = providers[label]
+                parts, total, faults, P = breakdown(ours, x, device, warmup, repeat)
+                gflops = conv_flops_per_patch(ours) * P / 1e9
+                for step in STEPS:
+                    if step == "fused" and parts[step] == 0:
+                        continue
+                    rate = (f"{gflops / parts[step] * 1e3:.1f} GFLOP/s" if step == "convolutions" and parts[step]
+                            else "")
+                    brows.append([name, kind, label, STEP_LABELS[step], f"{parts[step]:.2f}",
+                                  f"{100 * parts[step] / total:.0f}%", f"{faults[step]:.0f}", rate])
+                conv = parts["convolutions"]
+                brows.append([name, kind, label, "convolutions | everything else", f"{conv:.2f} | {total - conv:.2f}",
+                              f"{100 * conv / total:.0f}% | {100 * (total - conv) / total:.0f}%", "", ""])
+                brows.append([name, kind, label, "sum of the steps = the whole forward, timed here", f"{total:.2f}",
+                              "100%", f"{sum(faults.values()):.0f}", ""])
+                table = timings[label]["median_ms"]
+                brows.append([name, kind, label, "(the whole forward in the table above, timed alone)",
+                              f"{table:.2f}", f"{100 * (table - total) / total:+.0f}%", "", ""])
+                results[name]["setting"]["patches"] = P
+                entry["breakdown"][label] = {"ms": parts, "total_ms": total, "page_faults": faults,
+                                             "forward_alone_ms": table, "conv_gflop": gflops,
+                                             "conv_gflops_per_s": gflops / conv * 1e3 if conv else None}
             if cuda:
                 entry["graph"] = graph
             results[name]["err"][kind] = entry
@@ -311,9 +340,10 @@ def run(args, device, dtype_name, err_kinds, repeat, warmup):
                   "replay = eager: the replay's outputs against an eager call on the same inputs")
         columns += ["graph ms", "graph speed-up", "replay = eager"]
     out.table(title, columns + ["max |diff|", "page faults"], rows)
-    out.table(f"Where ours spends its time (backend {resolve('auto', device, dtype)}, as 'auto' picks, "
-              f"median of {repeat} passes)",
-              ["setting", "err", "step", "ms", "share", "rate"], brows)
+    out.table(f"Where ours spends its time: Refiner.forward with a stopwatch around each step's calls (median of "
+              f"{repeat} passes; 'other' = the whole forward minus the steps; the last row of each block compares "
+              f"the forward timed alone in the table above)",
+              ["setting", "err", "provider", "step", "ms", "share", "page faults", "rate"], brows)
     line, info["other_processes_cpu_share"] = contention.report()
     if line:
         out(line)
