@@ -238,8 +238,8 @@ def run(args, dev, dtype_name, repeat, warmup):
             cat_coarse = torch.cat([pha, fgr], 1)
             # Outputs allocated once, for the 'into' steps (written before
             # timing, so that their pages are resident).
-            half_out = torch.zeros(P, 42, 8, 8, device=dev, dtype=dtype, memory_format=torch.channels_last)
-            full_out = torch.zeros(P, 6, 8, 8, device=dev, dtype=dtype, memory_format=torch.channels_last)
+            half_out = torch.zeros(P, 42, 8, 8, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            full_out = torch.zeros(P, 6, 8, 8, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
             composed = torch.zeros_like(x)
             steps = {
                 "select": (None, {"upstream": lambda: upstream_select(err_q, k),
