@@ -111,9 +111,9 @@ def _add_matte(sub) -> None:
     g = p.add_argument_group("video encoding")
     g.add_argument("--codec", default="libx264", help="FFmpeg encoder (default libx264)")
     g.add_argument("--crf", type=int, default=None, help="libx264/libx265 quality (default 18)")
-    g.add_argument("--preset", default="superfast",
-                   help="libx264/libx265 preset (default superfast: encoding keeps up with the model on a CPU; "
-                        "veryfast, medium ... make smaller files)")
+    g.add_argument("--preset", default="ultrafast",
+                   help="libx264/libx265 preset (default ultrafast: the encodes take the least CPU from the model; "
+                        "superfast, veryfast, medium ... make smaller files)")
     g.add_argument("--video-mbps", type=float, default=None, help="bit rate instead of --crf (Mbit/s)")
     g.add_argument("--fps", type=float, default=None, help="output frame rate (default: the source's, else 30)")
     p.add_argument("--batch-size", type=int, default=1)

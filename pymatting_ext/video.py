@@ -486,7 +486,7 @@ def convert_video(model: torch.nn.Module, source: str, background: str, output_d
                   target_background: Union[None, str, Tuple[int, int, int]] = None,
                   device: Union[None, str, torch.device] = None, precision: Optional[str] = None,
                   batch_size: int = 1, codec: str = "libx264", crf: Optional[int] = None,
-                  preset: Optional[str] = "superfast", video_mbps: Optional[float] = None,
+                  preset: Optional[str] = "ultrafast", video_mbps: Optional[float] = None,
                   fps: Optional[float] = None, max_frames: Optional[int] = None, overwrite: bool = False,
                   progress: bool = True, cuda_graph: bool = False) -> dict:
     """Mattes every frame of `source` against `background` with `model` and
@@ -511,7 +511,7 @@ def convert_video(model: torch.nn.Module, source: str, background: str, output_d
         batch_size: frames per model call.
         codec, crf, preset, video_mbps: the encoder (FFmpeg's name), with the
             constant rate factor and preset of libx264/libx265 (default crf 18,
-            preset 'superfast'), or a bit rate in Mbit/s for the others
+            preset 'ultrafast'), or a bit rate in Mbit/s for the others
             (default 16).
         fps: frame rate of the output videos; default the source's (30 for
             images).
