@@ -29,7 +29,7 @@ import contextlib
 import io
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -149,6 +149,32 @@ def _summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"[:400]
 
 
+
+def _second_example(model: torch.nn.Module, example: Tuple[torch.Tensor, torch.Tensor]):
+    """Inputs of another valid size than example's, for a dynamic export."""
+    w, h, b = _second_size(example[0].shape[3], example[0].shape[2], example[0].shape[0])
+    return example_inputs(model, w, h, b, seed=1)
+
+
+def _validate(model: torch.nn.Module, names: List[str], example, other, run: Callable, fails: str,
+              checked: str) -> dict:
+    """The export (run) against the eager model on example and, where not
+    None, other: {shape: {output: max |diff|}}; a UserError where it does
+    not run ("<fails> at <shape>: ...") or does not match."""
+    diffs_by_shape = {}
+    for src, bgr in [example] + ([other] if other is not None else []):
+        with torch.inference_mode():
+            want = model(src, bgr)
+        try:
+            got = run(src, bgr)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"{fails} at {tuple(src.shape)}: {_summary(exc)}") from None
+        diffs = compare(names, want, got)
+        _check(diffs, src.dtype, f"{checked} at {tuple(src.shape)}")
+        diffs_by_shape[f"{tuple(src.shape)}"] = diffs
+    return diffs_by_shape
+
+
 def export_aoti(model: torch.nn.Module, path: str, *, example: Tuple[torch.Tensor, torch.Tensor],
                 dynamic: bool = False, validate: bool = True, inductor_configs: Optional[dict] = None) -> dict:
     """An AOTInductor package (.pt2) of the model, its custom ops called
@@ -158,11 +184,10 @@ def export_aoti(model: torch.nn.Module, path: str, *, example: Tuple[torch.Tenso
         raise UserError(f"an AOTInductor package must end in .pt2, got {path!r}")
     names = _output_names(model)
     program = export_program(model, example, dynamic)
-    if dynamic:
+    other = _second_example(model, example) if dynamic else None
+    if other is not None:
         # Before minutes of compiling: does the program run at another size,
         # or did tracing specialise one (its guards fail)?
-        w, h, b = _second_size(example[0].shape[3], example[0].shape[2], example[0].shape[0])
-        other = example_inputs(model, w, h, b, seed=1)
         try:
             with torch.no_grad():
                 program.module()(*other)
@@ -180,22 +205,8 @@ def export_aoti(model: torch.nn.Module, path: str, *, example: Tuple[torch.Tenso
     result = {"format": "aoti", "path": path, "dynamic": dynamic}
     if validate:
         loaded = torch._inductor.aoti_load_package(path)
-        cases = [example]
-        if dynamic:
-            w, h, b = _second_size(example[0].shape[3], example[0].shape[2], example[0].shape[0])
-            cases.append(example_inputs(model, w, h, b, seed=1))
-        result["max_abs_diff"] = {}
-        for src, bgr in cases:
-            with torch.inference_mode():
-                want = model(src, bgr)
-            try:
-                got = loaded(src, bgr)
-            except Exception as exc:  # noqa: BLE001
-                raise UserError(f"the AOTInductor package does not run at {tuple(src.shape)}: "
-                                f"{_summary(exc)}") from None
-            diffs = compare(names, want, got)
-            _check(diffs, src.dtype, f"the AOTInductor package at {tuple(src.shape)}")
-            result["max_abs_diff"][f"{tuple(src.shape)}"] = diffs
+        result["max_abs_diff"] = _validate(model, names, example, other, loaded,
+                                           "the AOTInductor package does not run", "the AOTInductor package")
     return result
 
 
@@ -271,20 +282,8 @@ def export_onnx(model: torch.nn.Module, path: str, *, example: Tuple[torch.Tenso
     if validate:
         ort = require("onnxruntime", "checking the ONNX export (--no-validate skips it)")
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        cases = [example]
-        if dynamic:
-            w, h, b = _second_size(example[0].shape[3], example[0].shape[2], example[0].shape[0])
-            cases.append(example_inputs(model, w, h, b, seed=1))
-        result["max_abs_diff"] = {}
-        for src, bgr in cases:
-            with torch.inference_mode():
-                want = model(src, bgr)
-            try:
-                got = session.run(None, {"src": src.cpu().numpy(), "bgr": bgr.cpu().numpy()})
-            except Exception as exc:  # noqa: BLE001
-                raise UserError(f"onnxruntime cannot run the exported model at {tuple(src.shape)}: "
-                                f"{_summary(exc)}") from None
-            diffs = compare(names_out, want, got)
-            _check(diffs, src.dtype, f"onnxruntime's result at {tuple(src.shape)}")
-            result["max_abs_diff"][f"{tuple(src.shape)}"] = diffs
+        run = lambda src, bgr: session.run(None, {"src": src.cpu().numpy(), "bgr": bgr.cpu().numpy()})
+        result["max_abs_diff"] = _validate(model, names_out, example,
+                                           _second_example(model, example) if dynamic else None, run,
+                                           "onnxruntime cannot run the exported model", "onnxruntime's result")
     return result
