@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import pymatting_ext
+from pymatting_ext.speed import device_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -95,20 +96,6 @@ def timeit(fn, device, warmup=2, repeat=7):
         fn()
     sync(device)
     return summarize(_call_times(fn, device, repeat))
-
-
-def device_name(device):
-    """torch.cuda.get_device_name, or the CPU's model name from /proc/cpuinfo."""
-    if is_cuda(device):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def load_average():

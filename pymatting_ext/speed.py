@@ -264,7 +264,10 @@ def _other_cpu_share(start: Optional[Tuple[int, int]], seconds: float) -> Option
     return max(0.0, other / os.sysconf("SC_CLK_TCK") / (seconds * (os.cpu_count() or 1)))
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device) -> str:
+    """torch.cuda.get_device_name, or the CPU's model name from /proc/cpuinfo
+    (the benchmarks name their result folders with it)."""
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
@@ -280,7 +283,7 @@ def _device_name(device: torch.device) -> str:
 def _environment(device: torch.device, other_share: Optional[float]) -> dict:
     import pymatting_ext
 
-    return {"device": str(device), "device_name": _device_name(device), "threads": torch.get_num_threads(),
+    return {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "python": platform.python_version(), "pymatting_ext": pymatting_ext.__version__,
             "extension_loaded": pymatting_ext.extension_available(),
