@@ -7,9 +7,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../index_math.h"
+#include "avx2.h"
 #include "cpu_common.h"
 
 namespace pymatting_ext {
@@ -31,6 +34,9 @@ struct CropSource {
   bool resample;
   // Taps over the resampled image's rows and columns (empty if !resample).
   std::vector<LinearTap<at::opmath_type<scalar_t>>> rows, cols;
+  // The column taps as arrays, for the vector path (loaded 8 at a time).
+  std::vector<int32_t> col_i0, col_i1;
+  std::vector<at::opmath_type<scalar_t>> col_w0, col_w1;
 };
 
 // out[i] = a[i] * wa + b[i] * wb for n contiguous elements, in opmath_t,
@@ -137,28 +143,195 @@ void crop_direct(const CropSource<scalar_t>& s, int64_t b, int64_t ylo, int64_t 
   }
 }
 
+// Window rows one 8-row block of the vector path may read (the check in
+// vector_path_fits keeps to it).
+constexpr int64_t kVectorMaxRows = 24;
+
+// Whether a source's taps suit the vector path: the output columns of any
+// 8-column block read at most 16 input columns, and the rows of any 8-row
+// block at most kVectorMaxRows input rows (true for upsampling and for
+// downsampling by up to 2, the refiner's cases).
+template <typename scalar_t>
+bool vector_path_fits(const CropSource<scalar_t>& s, int64_t H, int64_t W) {
+  for (const auto& pl : s.planes) {
+    if (pl.stride_w != 1) {
+      return false;
+    }
+  }
+  if (!s.resample) {
+    return true;
+  }
+  if (s.width > INT32_MAX) {
+    return false;
+  }
+  for (int64_t x = 0; x + 8 <= W; ++x) {
+    if (s.cols[x + 7].i1 - s.cols[x].i0 + 1 > 16) {
+      return false;
+    }
+  }
+  for (int64_t y = 0; y < H; ++y) {
+    if (s.rows[std::min(y + 7, H - 1)].i1 - s.rows[y].i0 + 1 > kVectorMaxRows) {
+      return false;
+    }
+  }
+  return true;
+}
+
+#if PYMATTING_EXT_AVX2
+// The float32 AVX2 path over image rows [ylo, yhi) and columns [xlo, xhi)
+// of image b, all inside the image, xhi - xlo a multiple of 8 (out as
+// crop_resampled's, at the first source's first channel). Blocks of up to
+// 8 x 8 pixels: per channel, each window row is blended across the block's
+// 8 columns at once (permutes by the taps' indices), then down the rows;
+// the blocks of 8 channels are transposed to channels-last and stored.
+// NB: the same operations in the same order as crop_resampled (mul, mul,
+// add; width pass first), so the same bits.
+PYMATTING_EXT_TARGET_AVX2 void crop_vector(const std::vector<CropSource<float>>& sources, int64_t b,
+                                           int64_t ylo, int64_t yhi, int64_t xlo, int64_t xhi,
+                                           float* out, int64_t row_pitch, int64_t C_out) {
+  alignas(32) float block[8][8][8];  // [channel of the group][row][column]
+  const __m256i seven = _mm256_set1_epi32(7);
+  for (int64_t by = ylo; by < yhi; by += 8) {
+    const int64_t ny = std::min<int64_t>(8, yhi - by);
+    for (int64_t bx = xlo; bx < xhi; bx += 8) {
+      float* o = out + (by - ylo) * row_pitch + (bx - xlo) * C_out;
+      int64_t c_base = 0;
+      for (const auto& s : sources) {
+        const int64_t SC = static_cast<int64_t>(s.planes.size());
+        int64_t r_lo = by, nr = ny, q_lo = bx, avail = 8;
+        bool wide = false;
+        __m256i i0 = _mm256_setzero_si256(), i1 = i0;
+        __m256 w0 = _mm256_setzero_ps(), w1 = w0, hi0 = w0, hi1 = w0;
+        if (s.resample) {
+          r_lo = s.rows[by].i0;
+          nr = s.rows[by + ny - 1].i1 + 1 - r_lo;
+          q_lo = s.col_i0[bx];
+          wide = s.col_i1[bx + 7] + 1 - q_lo > 8;
+          // Window columns that exist: the loads read no further.
+          avail = s.width - q_lo;
+          const __m256i base = _mm256_set1_epi32(static_cast<int>(q_lo));
+          i0 = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(&s.col_i0[bx])), base);
+          i1 = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(&s.col_i1[bx])), base);
+          w0 = _mm256_loadu_ps(&s.col_w0[bx]);
+          w1 = _mm256_loadu_ps(&s.col_w1[bx]);
+          hi0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(i0, seven));
+          hi1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(i1, seven));
+        }
+        for (int64_t g = 0; g < SC; g += 8) {
+          const int64_t n = std::min<int64_t>(8, SC - g);
+          for (int64_t c = 0; c < n; ++c) {
+            const auto& pl = s.planes[g + c];
+            const float* plane = pl.data + b * pl.stride_b + q_lo;
+            if (!s.resample) {
+              for (int64_t y = 0; y < ny; ++y) {
+                _mm256_store_ps(block[c][y], _mm256_loadu_ps(plane + (by + y) * pl.stride_h));
+              }
+              continue;
+            }
+            __m256 across[kVectorMaxRows];
+            for (int64_t r = 0; r < nr; ++r) {
+              const float* row = plane + (r_lo + r) * pl.stride_h;
+              const __m256 lo = load_first(row, avail);
+              __m256 a, c1;
+              if (wide) {
+                const __m256 hi = load_first(row + 8, avail - 8);
+                a = pick16(lo, hi, i0, hi0);
+                c1 = pick16(lo, hi, i1, hi1);
+              } else {
+                a = _mm256_permutevar8x32_ps(lo, i0);
+                c1 = _mm256_permutevar8x32_ps(lo, i1);
+              }
+              across[r] = _mm256_add_ps(_mm256_mul_ps(a, w0), _mm256_mul_ps(c1, w1));
+            }
+            for (int64_t y = 0; y < ny; ++y) {
+              const auto& t = s.rows[by + y];
+              _mm256_store_ps(block[c][y],
+                              _mm256_add_ps(_mm256_mul_ps(across[t.i0 - r_lo], _mm256_set1_ps(t.w0)),
+                                            _mm256_mul_ps(across[t.i1 - r_lo], _mm256_set1_ps(t.w1))));
+            }
+          }
+          for (int64_t y = 0; y < ny; ++y) {
+            __m256 v[8];
+            for (int64_t c = 0; c < 8; ++c) {
+              v[c] = c < n ? _mm256_load_ps(block[c][y]) : _mm256_setzero_ps();
+            }
+            transpose8(v);
+            float* orow = o + y * row_pitch + c_base + g;
+            for (int64_t k = 0; k < 8; ++k) {
+              store_first(orow + k * C_out, v[k], n);
+            }
+          }
+        }
+        c_base += SC;
+      }
+    }
+  }
+}
+#endif  // PYMATTING_EXT_AVX2
+
+// crop_vector where it exists (float32 on x86-64); the caller's flag says
+// whether to call it, and is never set for other types.
+template <typename scalar_t>
+inline void crop_vector_path(const std::vector<CropSource<scalar_t>>&, int64_t, int64_t, int64_t,
+                             int64_t, int64_t, scalar_t*, int64_t, int64_t) {}
+
+#if PYMATTING_EXT_AVX2
+inline void crop_vector_path(const std::vector<CropSource<float>>& sources, int64_t b, int64_t ylo,
+                             int64_t yhi, int64_t xlo, int64_t xhi, float* out, int64_t row_pitch,
+                             int64_t C_out) {
+  crop_vector(sources, b, ylo, yhi, xlo, xhi, out, row_pitch, C_out);
+}
+#endif
+
+// dst[0, n) = src[0, n) with non-temporal stores (src 32-byte aligned; dst
+// too, and n a multiple of 8, checked by the caller): the lines of dst are
+// written to memory without first being read into the cache.
+template <typename T>
+inline void stream_copy(T* dst, const T* src, int64_t n) {
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+}
+
+#if PYMATTING_EXT_AVX2
+PYMATTING_EXT_TARGET_AVX2 inline void stream_copy(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) {
+    _mm256_stream_ps(dst + i, _mm256_load_ps(src + i));
+  }
+}
+#endif
+
+// Orders earlier non-temporal stores before the stores that follow (they are
+// weakly ordered otherwise).
+inline void stream_fence() {
+#if PYMATTING_EXT_AVX2
+  _mm_sfence();
+#endif
+}
+
+// Asks for the cache line at p, into L2.
+// NB: L2, not L1: a patch's windows are ~500 lines (30 KB) that are asked
+// for a few patches ahead of their use, which L1 (32 KB) cannot hold.
 // NB: GCC (12, at -O2 and above) deletes a loop of __builtin_prefetch as
 // if it had no effect; an asm statement it keeps.
 inline void prefetch_line(const void* p) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
 #else
-  __builtin_prefetch(p);
+  __builtin_prefetch(p, 0, 2);
 #endif
 }
 
-// Asks for the cache lines of patch p's source windows ahead of their use.
+// Asks for the cache lines of a patch's source windows (image b, output
+// rows [y_lo, y_hi), columns [x_lo, x_hi)) ahead of their use, each line once.
 // NB: the patches are scattered over the image, so every row of a window
 // is a cache miss that the hardware prefetchers cannot foresee (rows are a
 // whole image row apart); without this the kernel waits on memory latency
-// (~1 GB/s) rather than bandwidth.
+// rather than bandwidth.
 template <typename scalar_t>
 void prefetch_windows(const std::vector<CropSource<scalar_t>>& sources, int64_t b, int64_t y_lo,
                       int64_t y_hi, int64_t x_lo, int64_t x_hi) {
   if (y_lo >= y_hi || x_lo >= x_hi) {
     return;
   }
-  constexpr int64_t kLine = 64 / sizeof(scalar_t);
   for (const auto& s : sources) {
     const int64_t r_lo = s.resample ? s.rows[y_lo].i0 : y_lo;
     const int64_t r_hi = s.resample ? s.rows[y_hi - 1].i1 + 1 : y_hi;
@@ -170,11 +343,11 @@ void prefetch_windows(const std::vector<CropSource<scalar_t>>& sources, int64_t 
       }
       const scalar_t* plane = pl.data + b * pl.stride_b;
       for (int64_t r = r_lo; r < r_hi; ++r) {
-        const scalar_t* row = plane + r * pl.stride_h;
-        for (int64_t q = q_lo; q < q_hi; q += kLine) {
-          prefetch_line(row + q);
+        const uintptr_t first = reinterpret_cast<uintptr_t>(plane + r * pl.stride_h + q_lo);
+        const uintptr_t last = reinterpret_cast<uintptr_t>(plane + r * pl.stride_h + q_hi - 1);
+        for (uintptr_t line = first & ~uintptr_t(63); line <= last; line += 64) {
+          prefetch_line(reinterpret_cast<const void*>(line));
         }
-        prefetch_line(row + q_hi - 1);
       }
     }
   }
@@ -226,6 +399,24 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
             {t.data_ptr<scalar_t>() + c * t.stride(1), t.stride(0), t.stride(2), t.stride(3)});
       }
     }
+    // The float32 vector path, where the CPU has it and every source suits it.
+    bool vector = false;
+    if (std::is_same_v<scalar_t, float> && PYMATTING_EXT_AVX2) {
+      vector = avx2_enabled();
+      for (auto& s : sources) {
+        vector = vector && vector_path_fits(s, H, W);
+      }
+      for (auto& s : sources) {
+        if (vector && s.resample) {
+          for (const auto& t : s.cols) {
+            s.col_i0.push_back(static_cast<int32_t>(t.i0));
+            s.col_i1.push_back(static_cast<int32_t>(t.i1));
+            s.col_w0.push_back(t.w0);
+            s.col_w1.push_back(t.w1);
+          }
+        }
+      }
+    }
     const int64_t* idx_p = idx_c.data_ptr<int64_t>();
     scalar_t* out_all = out.data_ptr<scalar_t>();
     const int64_t row_pitch = PW * C_out;
@@ -237,9 +428,21 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
     const int64_t tiles_y = (PH + kTileRows - 1) / kTileRows, tiles_x = (PW + kTileCols - 1) / kTileCols;
     const int64_t tiles = tiles_y * tiles_x;
     // Patches prefetched ahead of the one being cut (when a patch is one tile).
-    constexpr int64_t kAhead = 8;
+    constexpr int64_t kAhead = 4;
+    // NB: an output this large cannot stay in cache until the convolutions
+    // read it, and an ordinary store first reads the line it writes (read
+    // for ownership): that read is half the output's traffic. So each patch
+    // is assembled in a buffer that stays in L1 and streamed out with
+    // non-temporal stores (where the patch is one tile, written whole).
+    constexpr int64_t kStreamBytes = int64_t(16) << 20;
+    const int64_t patch_elems = PH * row_pitch;
+    const bool stream = vector && tiles == 1 && C == C_out && out.nbytes() >= kStreamBytes &&
+                        reinterpret_cast<uintptr_t>(out_all) % 32 == 0 && patch_elems % 8 == 0;
     at::parallel_for(0, P * tiles, 8, [&](int64_t t0, int64_t t1) {
       CropScratch<opmath_t> scratch;
+      std::vector<scalar_t> patch_buffer(stream ? patch_elems + 64 / sizeof(scalar_t) : 0);
+      scalar_t* assembled = reinterpret_cast<scalar_t*>(
+          (reinterpret_cast<uintptr_t>(patch_buffer.data()) + 63) & ~uintptr_t(63));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p = t / tiles, ty = (t % tiles) / tiles_x, tx = t % tiles_x;
         const int64_t py0 = ty * kTileRows, py1 = std::min(PH, py0 + kTileRows);
@@ -253,13 +456,14 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
           prefetch_windows(sources, n[0], std::max(ny, int64_t(0)), std::min(ny + PH, H),
                            std::max(nx, int64_t(0)), std::min(nx + PW, W));
         }
-        scalar_t* o = out_all + p * PH * row_pitch + c_offset;
+        scalar_t* o = stream ? assembled : out_all + p * patch_elems + c_offset;
         // The part of the tile inside the image (image coordinates); the
         // rest is zeros.
         const int64_t y_lo = std::max(oy + py0, int64_t(0)), y_hi = std::min(oy + py1, H);
         const int64_t x_lo = std::max(ox + px0, int64_t(0)), x_hi = std::min(ox + px1, W);
         const bool any = y_lo < y_hi && x_lo < x_hi;
-        for (int64_t py = py0; py < py1; ++py) {
+        const bool whole = y_lo == oy + py0 && y_hi == oy + py1 && x_lo == ox + px0 && x_hi == ox + px1;
+        for (int64_t py = py0; py < py1 && !whole; ++py) {
           const int64_t y = oy + py;
           const bool row_in = any && y >= y_lo && y < y_hi;
           for (int64_t px = px0; px < px1; ++px) {
@@ -269,19 +473,37 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
             }
           }
         }
-        if (!any) {
-          continue;
-        }
-        scalar_t* inside = o + (y_lo - oy) * row_pitch + (x_lo - ox) * C_out;
-        int64_t c_base = 0;
-        for (const auto& s : sources) {
-          if (s.resample) {
-            crop_resampled(s, b, y_lo, y_hi, x_lo, x_hi, inside + c_base, row_pitch, C_out, scratch);
-          } else {
-            crop_direct(s, b, y_lo, y_hi, x_lo, x_hi, inside + c_base, row_pitch, C_out);
+        if (any) {
+          scalar_t* inside = o + (y_lo - oy) * row_pitch + (x_lo - ox) * C_out;
+          // Columns [x_lo, x_mid) by the vector path, in blocks of 8; the
+          // rest by the portable loops.
+          int64_t x_mid = x_lo;
+          if (vector) {
+            x_mid = x_lo + (x_hi - x_lo) / 8 * 8;
+            if (x_mid > x_lo) {
+              crop_vector_path(sources, b, y_lo, y_hi, x_lo, x_mid, inside, row_pitch, C_out);
+            }
           }
-          c_base += static_cast<int64_t>(s.planes.size());
+          scalar_t* rest = inside + (x_mid - x_lo) * C_out;
+          int64_t c_base = 0;
+          for (const auto& s : sources) {
+            if (x_mid == x_hi) {
+              break;
+            }
+            if (s.resample) {
+              crop_resampled(s, b, y_lo, y_hi, x_mid, x_hi, rest + c_base, row_pitch, C_out, scratch);
+            } else {
+              crop_direct(s, b, y_lo, y_hi, x_mid, x_hi, rest + c_base, row_pitch, C_out);
+            }
+            c_base += static_cast<int64_t>(s.planes.size());
+          }
         }
+        if (stream) {
+          stream_copy(out_all + p * patch_elems, assembled, patch_elems);
+        }
+      }
+      if (stream) {
+        stream_fence();
       }
     });
   });

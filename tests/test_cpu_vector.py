@@ -1,0 +1,106 @@
+"""The CPU kernels' AVX2 paths against their portable loops, bit for bit.
+
+The vector paths run wherever the CPU has AVX2 (float32 only), so every
+other CPU test already checks them against the reference within tolerance;
+here the same cases run twice, once in this process and once in a
+subprocess with PYMATTING_EXT_CPU_CAPABILITY=default (the portable loops
+only, read once per process like ATen's ATEN_CPU_CAPABILITY), and must give
+the same bits: both paths do the same operations in the same order."""
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pymatting_ext as pm
+from pymatting_ext import reference
+
+pytestmark = [
+    pytest.mark.skipif(not pm.extension_available(), reason="the C++ extension is not built"),
+    pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT",
+                       reason="no AVX2 on this CPU: there is only the portable path"),
+]
+
+
+def cases():
+    """(name, inputs, idx, stride, padding, image_size, patch_size, channel_offset, out_channels):
+    the refiner's crops at HD's and 4K's scales (x2 and x4 up, /2 down, the
+    image's own size), odd sizes and patch shapes, patches across every edge,
+    batch 2, channels-last and sliced inputs, and an output large enough to
+    be streamed (>= 16 MiB)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.rand(*s, generator=g)
+
+    def idx_for(B, hc, wc, n):
+        cells = torch.stack([torch.randint(0, B, (n,), generator=g), torch.randint(0, hc, (n,), generator=g),
+                             torch.randint(0, wc, (n,), generator=g)], 1)
+        corners = torch.tensor([[0, 0, 0], [B - 1, hc - 1, wc - 1], [0, 0, wc - 1], [B - 1, hc - 1, 0]])
+        return torch.cat([cells, corners])
+
+    out = []
+    # The refiner at HD's scale: coarse at 1/4 (x2 up to 1/2), src at 1/1 (/2).
+    B, H, W = 2, 68, 124
+    hid, pha, src = r(B, 32, H // 4, W // 4), r(B, 1, H // 4, W // 4), r(B, 3, H, W)
+    idx = idx_for(B, H // 4, W // 4, 60)
+    out.append(("hd half", [hid, pha, src], idx, 2, 3, (H // 2, W // 2), None, 0, 36))
+    out.append(("hd full into", [src], idx, 4, 2, (H, W), None, 5, 11))
+    # 4K's scale: coarse at 1/8 (x4 up to 1/2).
+    hid8 = r(B, 7, H // 8 + 1, W // 8 + 1)
+    out.append(("x4 up", [hid8, src], idx, 2, 3, (H // 2, W // 2), None, 0, 10))
+    # Odd sizes (not exact scales), wide patches with a remainder of columns,
+    # channels-last and sliced inputs.
+    a = r(B, 5, 13, 21).contiguous(memory_format=torch.channels_last)
+    c = r(B, 9, 50, 70)[:, 1:8, 3:47, 5:66]
+    d = r(B, 3, 44, 61)
+    idx2 = idx_for(B, 11, 16, 40)
+    out.append(("odd", [a, c, d], idx2, 4, 3, (44, 61), (11, 21), 0, 15))
+    out.append(("odd into", [c, d], idx2, 4, 1, (44, 61), (6, 17), 2, 13))
+    # A whole-image patch (full mode): tiles of 16 x 64 over it.
+    out.append(("whole", [r(1, 4, 30, 40), r(1, 2, 120, 160)], torch.tensor([[0, 0, 0]]), 1, 3, (60, 80),
+                (66, 86), 0, 6))
+    # Many patches: 1700 x 42 x 8 x 8 floats is over 16 MiB (streamed out).
+    H, W = 120, 200
+    big = [r(1, 32, H // 4, W // 4), r(1, 1, H // 4, W // 4), r(1, 3, H // 4, W // 4), r(1, 3, H, W),
+           r(1, 3, H, W)]
+    out.append(("streamed", big, idx_for(1, H // 4, W // 4, 1700), 2, 3, (H // 2, W // 2), None, 0, 42))
+    return out
+
+
+def run_cases():
+    results = {}
+    for name, inputs, idx, stride, padding, size, patch, offset, channels in cases():
+        ph, pw = patch or (stride + 2 * padding,) * 2
+        results[name + " crop"] = pm.crop(inputs, idx, stride, padding, size, patch, backend="cpu")
+        into = torch.full((idx.shape[0], channels, ph, pw), float("nan"))
+        into = into.contiguous(memory_format=torch.channels_last)
+        pm.crop_into(inputs, idx, stride, padding, size, offset, into, backend="cpu")
+        results[name + " crop_into"] = into
+    return results
+
+
+def test_crop_vector_path_matches_portable_loops_bitwise():
+    here = run_cases()
+    env = dict(os.environ, PYMATTING_EXT_CPU_CAPABILITY="default",
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    code = ("import pickle, sys, test_cpu_vector as t; "
+            "sys.stdout.buffer.write(pickle.dumps({k: v.numpy() for k, v in t.run_cases().items()}))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    there = pickle.loads(done.stdout)
+    assert set(here) == set(there)
+    for name, got in here.items():
+        want = torch.from_numpy(there[name])
+        assert torch.equal(got.isnan(), want.isnan()), name
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()), name
+
+
+def test_crop_vector_cases_match_reference():
+    # The cases above exercise the vector path's edges (remainder columns,
+    # sliced and channels-last inputs, streaming): against the reference too.
+    for name, inputs, idx, stride, padding, size, patch, offset, channels in cases():
+        got = pm.crop(inputs, idx, stride, padding, size, patch, backend="cpu")
+        want = reference.crop(inputs, idx, stride, padding, size, patch)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=name)
