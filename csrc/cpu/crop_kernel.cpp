@@ -189,7 +189,9 @@ bool vector_path_fits(const CropSource<scalar_t>& s, int64_t H, int64_t W) {
 PYMATTING_EXT_TARGET_AVX2 void crop_vector(const std::vector<CropSource<float>>& sources, int64_t b,
                                            int64_t ylo, int64_t yhi, int64_t xlo, int64_t xhi,
                                            float* out, int64_t row_pitch, int64_t C_out) {
-  alignas(32) float block[8][8][8];  // [channel of the group][row][column]
+  // The width pass of a group of 8 channels: [channel][window row].
+  __m256 across[8][kVectorMaxRows];
+  alignas(32) static const float kZeros[8] = {};
   const __m256i seven = _mm256_set1_epi32(7);
   for (int64_t by = ylo; by < yhi; by += 8) {
     const int64_t ny = std::min<int64_t>(8, yhi - by);
@@ -219,16 +221,40 @@ PYMATTING_EXT_TARGET_AVX2 void crop_vector(const std::vector<CropSource<float>>&
         }
         for (int64_t g = 0; g < SC; g += 8) {
           const int64_t n = std::min<int64_t>(8, SC - g);
-          for (int64_t c = 0; c < n; ++c) {
-            const auto& pl = s.planes[g + c];
-            const float* plane = pl.data + b * pl.stride_b + q_lo;
-            if (!s.resample) {
-              for (int64_t y = 0; y < ny; ++y) {
-                _mm256_store_ps(block[c][y], _mm256_loadu_ps(plane + (by + y) * pl.stride_h));
+          if (!s.resample) {
+            // Rows of the group's planes at the block's columns; a missing
+            // channel (n < 8) reads zeros.
+            const float* first[8];
+            int64_t pitch[8];
+            for (int64_t c = 0; c < 8; ++c) {
+              const CropPlane<float>* pl = c < n ? &s.planes[g + c] : nullptr;
+              first[c] = pl ? pl->data + b * pl->stride_b + by * pl->stride_h + bx : kZeros;
+              pitch[c] = pl ? pl->stride_h : 0;
+            }
+            for (int64_t y = 0; y < ny; ++y) {
+              __m256 v[8];
+              for (int64_t c = 0; c < 8; ++c) {
+                v[c] = _mm256_loadu_ps(first[c] + y * pitch[c]);
+              }
+              transpose8(v);
+              float* orow = o + y * row_pitch + c_base + g;
+              for (int64_t k = 0; k < 8; ++k) {
+                store_first(orow + k * C_out, v[k], n);
+              }
+            }
+            continue;
+          }
+          // Width pass: each window row of each channel at the block's 8
+          // columns (zeros for a missing channel).
+          for (int64_t c = 0; c < 8; ++c) {
+            if (c >= n) {
+              for (int64_t r = 0; r < nr; ++r) {
+                across[c][r] = _mm256_setzero_ps();
               }
               continue;
             }
-            __m256 across[kVectorMaxRows];
+            const auto& pl = s.planes[g + c];
+            const float* plane = pl.data + b * pl.stride_b + q_lo;
             for (int64_t r = 0; r < nr; ++r) {
               const float* row = plane + (r_lo + r) * pl.stride_h;
               const __m256 lo = load_first(row, avail);
@@ -241,19 +267,18 @@ PYMATTING_EXT_TARGET_AVX2 void crop_vector(const std::vector<CropSource<float>>&
                 a = _mm256_permutevar8x32_ps(lo, i0);
                 c1 = _mm256_permutevar8x32_ps(lo, i1);
               }
-              across[r] = _mm256_add_ps(_mm256_mul_ps(a, w0), _mm256_mul_ps(c1, w1));
-            }
-            for (int64_t y = 0; y < ny; ++y) {
-              const auto& t = s.rows[by + y];
-              _mm256_store_ps(block[c][y],
-                              _mm256_add_ps(_mm256_mul_ps(across[t.i0 - r_lo], _mm256_set1_ps(t.w0)),
-                                            _mm256_mul_ps(across[t.i1 - r_lo], _mm256_set1_ps(t.w1))));
+              across[c][r] = _mm256_add_ps(_mm256_mul_ps(a, w0), _mm256_mul_ps(c1, w1));
             }
           }
+          // Height pass, row by row: the 8 channels' rows, transposed to
+          // the block's 8 pixels and stored.
           for (int64_t y = 0; y < ny; ++y) {
+            const auto& t = s.rows[by + y];
+            const int64_t k0 = t.i0 - r_lo, k1 = t.i1 - r_lo;
+            const __m256 wy0 = _mm256_set1_ps(t.w0), wy1 = _mm256_set1_ps(t.w1);
             __m256 v[8];
             for (int64_t c = 0; c < 8; ++c) {
-              v[c] = c < n ? _mm256_load_ps(block[c][y]) : _mm256_setzero_ps();
+              v[c] = _mm256_add_ps(_mm256_mul_ps(across[c][k0], wy0), _mm256_mul_ps(across[c][k1], wy1));
             }
             transpose8(v);
             float* orow = o + y * row_pitch + c_base + g;
