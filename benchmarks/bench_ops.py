@@ -62,7 +62,8 @@ the non-zeros of the resize's adjoint applied to the mask of pixels wanted.
 "faults" = minor page faults per call (CPU; see the last table).
 GB/s = bytes / median time; "of copy" compares a provider's GB/s with the
 device's copy bandwidth (a 512 MiB tensor .copy_'d into another: read + write
-bytes / time).
+bytes / time), timed again right after each step's providers: a shared
+machine's memory bandwidth drifts.
 
 On CUDA, every provider's call is also captured once in a CUDA graph
 (common.capture_graph) and graph.replay() timed the same way ("graph"
@@ -156,12 +157,15 @@ def pixels_read(in_size, mask):
 
 
 def copy_bandwidth(device, dtype):
-    """Read + write GB/s of copying a 512 MiB tensor (well beyond any cache)
-    into another."""
+    """A function that returns the read + write GB/s of copying a 512 MiB
+    tensor (well beyond any cache) into another, timed when it is called."""
     a = torch.empty(512 * 2 ** 20 // torch.empty((), dtype=dtype).element_size(), device=device, dtype=dtype)
     b = torch.empty_like(a)
-    t = timeit(lambda: b.copy_(a), device, warmup=2, repeat=9)["median_ms"]
-    return 2 * a.numel() * a.element_size() / t / 1e6
+
+    def measure():
+        t = timeit(lambda: b.copy_(a), device, warmup=2, repeat=9)["median_ms"]
+        return 2 * a.numel() * a.element_size() / t / 1e6
+    return measure
 
 
 #: Providers of a step that cannot be captured in a CUDA graph, and why.
@@ -187,8 +191,10 @@ def run(args, dev, dtype_name, repeat, warmup):
     out = Printer()
     out(header(info, dtype_name, repeat, warmup))
     contention = Contention()
-    copy_gbs = copy_bandwidth(dev, dtype)
-    out(f"copy bandwidth: {copy_gbs:.1f} GB/s")
+    copy_now = copy_bandwidth(dev, dtype)
+    copy_gbs = copy_now()
+    out(f"copy bandwidth: {copy_gbs:.1f} GB/s at the start; each step's 'of copy' compares the copy bandwidth "
+        f"timed again right after that step's providers")
     ours = compiled_backends(dev, dtype)
     providers = ["upstream", "reference"] + ours
     esize = torch.empty((), dtype=dtype).element_size()
@@ -301,6 +307,9 @@ def run(args, dev, dtype_name, repeat, warmup):
                             g["speedup_vs_upstream_eager"] = up / g["median_ms"]
                             g["GBps"] = nbytes / g["median_ms"] / 1e6 if moves(p) else None
                         graph[p] = g
+                # NB: timed beside the step, not once for the run: a shared
+                # machine's memory bandwidth drifts (33-42 GB/s in a day here).
+                step_copy = copy_now() if nbytes else None
                 fmt = lambda v: "" if v is None else f"{v:.1f}"
                 for p in providers:
                     faults = t[p]["page_faults_per_call"]
@@ -308,7 +317,7 @@ def run(args, dev, dtype_name, repeat, warmup):
                     row = [name, step, p, f"{t[p]['median_ms']:.3f}", "" if p == "upstream" else f"{speedup:.2f}x",
                            "" if faults is None else f"{faults:.0f}", f"{nbytes / 1e6:.1f}" if nbytes else ""]
                     row += (["", ""] if gbs is None or gbs[p] is None else
-                            [fmt(gbs[p]), f"{100 * gbs[p] / copy_gbs:.0f}%"])
+                            [fmt(gbs[p]), f"{100 * gbs[p] / step_copy:.0f}%"])
                     if cuda:
                         g = graph[p]
                         if "error" in g:
@@ -317,10 +326,10 @@ def run(args, dev, dtype_name, repeat, warmup):
                         else:
                             row += [f"{g['median_ms']:.3f}", f"{g['speedup_vs_upstream_eager']:.2f}x"]
                             row += (["", ""] if g["GBps"] is None else
-                                    [fmt(g["GBps"]), f"{100 * g['GBps'] / copy_gbs:.0f}%"])
+                                    [fmt(g["GBps"]), f"{100 * g['GBps'] / step_copy:.0f}%"])
                     rows.append(row)
                     t[p]["speedup_vs_upstream"] = speedup
-                results[name][step] = {"timings": t, "bytes": nbytes, "GBps": gbs}
+                results[name][step] = {"timings": t, "bytes": nbytes, "GBps": gbs, "copy_GBps": step_copy}
                 if cuda:
                     results[name][step]["graph"] = graph
             del src, bgr, pha, fgr, err, hid, x, patches, steps, cat_coarse, half_out, full_out, composed
@@ -341,9 +350,11 @@ def run(args, dev, dtype_name, repeat, warmup):
             gbs = (results[name][step]["GBps"] or {}).get(auto)
             if gbs is not None:
                 faults = results[name][step]["timings"][auto]["page_faults_per_call"]
-                shares.append(f"{name} {step}: {gbs:.1f} GB/s = {100 * gbs / copy_gbs:.0f}% of copy"
+                copy_step = results[name][step]["copy_GBps"]
+                shares.append(f"{name} {step}: {gbs:.1f} GB/s = {100 * gbs / copy_step:.0f}% of copy "
+                              f"({copy_step:.1f} GB/s beside it)"
                               + ("" if faults is None else f", {faults:.0f} page faults / call"))
-    out(f"\nOurs ({auto}) against the copy bandwidth ({copy_gbs:.1f} GB/s):\n  " + "\n  ".join(shares))
+    out(f"\nOurs ({auto}) against the copy bandwidth:\n  " + "\n  ".join(shares))
     out.table("Writing a full-resolution output (median ms): torch.empty_like(x).fill_(0) vs x.fill_(0)",
               ["setting", "shape", "MB", "new tensor ms", "page faults / call", "existing tensor ms"], frows)
     line, info["other_processes_cpu_share"] = contention.report()

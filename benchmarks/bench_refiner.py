@@ -15,7 +15,9 @@ Providers: upstream; ours with each compiled backend that runs on the
 device (the C++ kernels on the CPU; the CUDA and the Triton kernels on a
 GPU), the one 'auto' picks first; ours with backend='reference' (the
 pure-PyTorch ops). Each is timed in its steady state, one after the other
-(see common.timeit), with its minor page faults per call (CPU: fresh
+(see common.timeit), in --rounds round-robin rounds (default 3 on the CPU,
+where a shared machine's speed drifts within a minute: see
+common.timeit_rounds), with its minor page faults per call (CPU: fresh
 full-resolution tensors beyond malloc's mmap threshold come as new pages at
 every call).
 
@@ -44,7 +46,9 @@ faults, per call).
 Then where those two spend their time: Refiner.forward itself with a
 stopwatch around each step's calls (see breakdown), the remainder itemised
 as "other", so that the steps add up to the whole forward timed in the same
-pass; beside it, the forward as the table above timed it alone. Prints the
+pass; beside it, the forward without the stopwatch timed in alternation
+with those passes (what the stopwatch adds), and the forward as the table
+above timed it alone, earlier (that adds the machine's drift). Prints the
 tables and writes <out>/refiner_<dtype>.{json,txt} (--out, default
 results/<device>/), and a verdict over the folder (verdict.py).
 """
@@ -63,7 +67,7 @@ from pymatting_ext._backend import compiled_backends, resolve
 import verdict
 from common import (ERR_KINDS, SETTINGS, Contention, Printer, device_info, header, is_cuda, make_inputs,
                     minor_faults, parse_common, random_bn_, results_folder, selected_neighbours, sync,
-                    timeit, try_capture, write_results)
+                    timeit, timeit_rounds, try_capture, write_results)
 
 STEPS = ("select", "crop", "convolutions", "fused", "compose", "other")
 STEP_LABELS = {
@@ -135,8 +139,15 @@ def breakdown(refiner, x, device, warmup, repeat):
                     allocated and the nearest upsample copied into it, the
                     chunks' cat, argument checks, Python
 
-    Page faults (minor, CPU) are counted per step the same way. Returns
-    ({step: median ms}, median total ms, {step: median faults}, P)."""
+    Page faults (minor, CPU) are counted per step the same way.
+
+    NB: each instrumented pass follows a pass without the stopwatch, timed
+    alone: the two alternate call by call, so that they see the same state
+    of the machine (on a shared virtual machine its speed drifts by 10-30%
+    over a minute, more than the stopwatch costs), and the medians of the
+    two compare what the stopwatch itself adds. Returns ({step: median ms},
+    median total ms, {step: median faults}, P, median ms of the passes
+    without the stopwatch)."""
     import resource
 
     from pymatting_ext import refiner as module
@@ -165,14 +176,28 @@ def breakdown(refiner, x, device, warmup, repeat):
                "_crop_into": "crop", "_py_refine_fused": "fused", "_compose": "compose",
                "_py_compose_into": "compose"}
     saved = {name: getattr(module, name) for name in patched}
-    runs = []
-    try:
+
+    def stopwatch(on):
         for name, step in patched.items():
-            setattr(module, name, timed(saved[name], step))
-        refiner._stage1 = timed(type(refiner)._stage1.__get__(refiner), "convolutions")
-        refiner._stage2 = timed(type(refiner)._stage2.__get__(refiner), "convolutions")
+            setattr(module, name, timed(saved[name], step) if on else saved[name])
+        if on:
+            refiner._stage1 = timed(type(refiner)._stage1.__get__(refiner), "convolutions")
+            refiner._stage2 = timed(type(refiner)._stage2.__get__(refiner), "convolutions")
+        else:
+            refiner.__dict__.pop("_stage1", None)
+            refiner.__dict__.pop("_stage2", None)
+
+    runs, plain = [], []
+    try:
         with torch.no_grad():
             for i in range(warmup + repeat):
+                stopwatch(False)
+                sync(device)
+                t0 = time.perf_counter()
+                refiner(*x)
+                sync(device)
+                alone = (time.perf_counter() - t0) * 1e3
+                stopwatch(True)
                 for step in STEPS:
                     ms[step], faults[step] = 0.0, 0
                 sync(device)
@@ -184,14 +209,13 @@ def breakdown(refiner, x, device, warmup, repeat):
                 faults["other"] = whole_faults - sum(faults[s] for s in STEPS if s != "other")
                 if i >= warmup:
                     runs.append((dict(ms), whole, dict(faults)))
+                    plain.append(alone)
     finally:
-        for name in patched:
-            setattr(module, name, saved[name])
-        del refiner._stage1, refiner._stage2
+        stopwatch(False)
     median = {s: statistics.median(r[0][s] for r in runs) for s in STEPS}
     total = statistics.median(r[1] for r in runs)
     fault_median = {s: statistics.median(r[2][s] for r in runs) for s in STEPS}
-    return median, total, fault_median, P
+    return median, total, fault_median, P, statistics.median(plain)
 
 
 def compare_outputs(captured, eager, dtype):
@@ -245,10 +269,14 @@ def run(args, device, dtype_name, err_kinds, repeat, warmup):
     """One dtype: the tables, the result files; returns the JSON's path."""
     dtype = getattr(torch, dtype_name)
     cuda = is_cuda(device)
+    rounds = args.rounds or (1 if cuda else 3)
     t0 = time.monotonic()
     info = device_info(device)
+    info["rounds"] = rounds
     out = Printer()
-    out(header(info, dtype_name, repeat, warmup))
+    timed = rounds * -(-repeat // rounds)
+    out(header(info, dtype_name, timed, warmup) +
+        (f" in each of {rounds} round-robin rounds (see common.timeit_rounds)" if rounds > 1 else ""))
     contention = Contention()
 
     results, rows, brows, erows = {}, [], [], []
@@ -261,12 +289,21 @@ def run(args, device, dtype_name, err_kinds, repeat, warmup):
             x = make_inputs(setting, device, dtype, err=kind)
             with torch.no_grad():
                 outputs = {label: model(*x) for label, model in providers.items()}
-                timings = {}
-                for label, model in providers.items():
-                    before = minor_faults()
-                    timings[label] = timeit(lambda: model(*x), device, warmup=warmup, repeat=repeat)
-                    timings[label]["page_faults_per_call"] = (None if before is None
-                                                              else (minor_faults() - before) / (warmup + repeat))
+                fns = {label: (lambda model=model: model(*x)) for label, model in providers.items()}
+                faults = {label: 0 for label in providers}
+
+                def counted(label, fn):
+                    def call():
+                        before = minor_faults()
+                        fn()
+                        if before is not None:
+                            faults[label] += minor_faults() - before
+                    return call
+                timings = timeit_rounds({label: counted(label, fn) for label, fn in fns.items()}, device,
+                                        warmup=warmup, repeat=repeat, rounds=rounds)
+                for label, t in timings.items():
+                    calls = rounds * warmup + t["repeat"]
+                    t["page_faults_per_call"] = None if minor_faults() is None else faults[label] / calls
             base = timings["upstream"]["median_ms"]
             graph = graph_timings(providers, graphs, x, outputs, base, device, dtype, warmup, repeat) if cuda else None
             ref = outputs["upstream"][2]
@@ -301,7 +338,7 @@ def run(args, device, dtype_name, err_kinds, repeat, warmup):
                 if label not in providers:
                     continue
                 ours = providers[label]
-                parts, total, faults, P = breakdown(ours, x, device, warmup, repeat)
+                parts, total, faults, P, paired = breakdown(ours, x, device, warmup, repeat)
                 gflops = conv_flops_per_patch(ours) * P / 1e9
                 for step in STEPS:
                     if step == "fused" and parts[step] == 0:
@@ -315,12 +352,15 @@ def run(args, device, dtype_name, err_kinds, repeat, warmup):
                               f"{100 * conv / total:.0f}% | {100 * (total - conv) / total:.0f}%", "", ""])
                 brows.append([name, kind, label, "sum of the steps = the whole forward, timed here", f"{total:.2f}",
                               "100%", f"{sum(faults.values()):.0f}", ""])
+                brows.append([name, kind, label, "(the whole forward without the stopwatch, in alternation)",
+                              f"{paired:.2f}", f"{100 * (paired - total) / total:+.0f}%", "", ""])
                 table = timings[label]["median_ms"]
                 brows.append([name, kind, label, "(the whole forward in the table above, timed alone)",
                               f"{table:.2f}", f"{100 * (table - total) / total:+.0f}%", "", ""])
                 results[name]["setting"]["patches"] = P
                 entry["breakdown"][label] = {"ms": parts, "total_ms": total, "page_faults": faults,
-                                             "forward_alone_ms": table, "conv_gflop": gflops,
+                                             "forward_alone_ms": table, "forward_paired_ms": paired,
+                                             "conv_gflop": gflops,
                                              "conv_gflops_per_s": gflops / conv * 1e3 if conv else None}
             if cuda:
                 entry["graph"] = graph
@@ -341,8 +381,10 @@ def run(args, device, dtype_name, err_kinds, repeat, warmup):
         columns += ["graph ms", "graph speed-up", "replay = eager"]
     out.table(title, columns + ["max |diff|", "page faults"], rows)
     out.table(f"Where ours spends its time: Refiner.forward with a stopwatch around each step's calls (median of "
-              f"{repeat} passes; 'other' = the whole forward minus the steps; the last row of each block compares "
-              f"the forward timed alone in the table above)",
+              f"{repeat} passes; 'other' = the whole forward minus the steps). The last rows of each block: the "
+              f"forward without the stopwatch, timed in alternation with those passes (what the stopwatch adds), "
+              f"and the forward as the table above timed it, earlier (that adds the machine's drift between the "
+              f"two)",
               ["setting", "err", "provider", "step", "ms", "share", "page faults", "rate"], brows)
     line, info["other_processes_cpu_share"] = contention.report()
     if line:
@@ -367,7 +409,12 @@ def main():
     parser.add_argument("--err", choices=list(ERR_KINDS) + ["both"], default=None,
                         help="error map: uniform random, concentrated along a matte boundary, or both "
                              "(default: both)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="round-robin blocks the providers' timed calls are spread over (default 3 on the "
+                             "CPU, where a shared machine's speed drifts, 1 on CUDA; see common.timeit_rounds)")
     args, device, dtypes, repeat, warmup = parse_common(parser, cpu_repeat=7, cuda_repeat=20)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     err = args.err or "both"
     err_kinds = list(ERR_KINDS) if err == "both" else [err]
     for dtype_name in dtypes:

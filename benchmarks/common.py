@@ -98,6 +98,29 @@ def timeit(fn, device, warmup=2, repeat=7):
     return summarize(_call_times(fn, device, repeat))
 
 
+def timeit_rounds(fns, device, warmup=2, repeat=7, rounds=1):
+    """timeit for several providers ({label: fn}) in ``rounds`` round-robin
+    blocks: each block times every provider in turn, warmup untimed calls
+    then its share of the ``repeat`` timed calls (at least one), each
+    provider in its steady state as timeit's note asks; the times of a
+    provider's blocks are summarised together ({label: summary}).
+
+    NB: a shared virtual machine's speed drifts by 10-30% within a minute
+    (its neighbours' load): timed one after the other in a single block, the
+    providers each see a different machine and their ratio carries that
+    drift; spread over rounds, every provider samples the same stretches of
+    time."""
+    times = {label: [] for label in fns}
+    per_round = max(1, -(-repeat // rounds))
+    for _ in range(rounds):
+        for label, fn in fns.items():
+            for _ in range(warmup):
+                fn()
+            sync(device)
+            times[label] += _call_times(fn, device, per_round)
+    return {label: summarize(t) for label, t in times.items()}
+
+
 def load_average():
     try:
         return os.getloadavg()[0]
