@@ -17,8 +17,8 @@ torch.inference_mode():
   CUDA  torch.cuda.max_memory_allocated() after reset_peak_memory_stats(),
         minus memory_allocated() before the forward and the outputs' bytes.
 Ours processes the patches of one call in chunks (Refiner.max_patches; by
-default as many as fit in min(1 GiB, a quarter of the free memory); 512 on
-the C++ CPU kernels); upstream materialises every patch at once.
+default as many as fit in min(1 GiB, a quarter of the free memory); 1536
+on the C++ CPU kernels); upstream materialises every patch at once.
 """
 import argparse
 import json
