@@ -454,8 +454,8 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
     const int64_t tiles = tiles_y * tiles_x;
     // Patches prefetched ahead of the one being cut (when a patch is one tile).
     constexpr int64_t kAhead = 4;
-    // NB: an output this large cannot stay in cache until the convolutions
-    // read it, and an ordinary store first reads the line it writes (read
+    // NB: an output of 16 MiB or more cannot stay in cache until the
+    // convolutions read it (the refiner's chunks stay under it), and an ordinary store first reads the line it writes (read
     // for ownership): that read is half the output's traffic. So each patch
     // is assembled in a buffer that stays in L1 and streamed out with
     // non-temporal stores (where the patch is one tile, written whole).
