@@ -66,7 +66,7 @@ from pymatting_ext._backend import compiled_backends, resolve
 
 import verdict
 from common import (ERR_KINDS, SETTINGS, Contention, Printer, device_info, header, is_cuda, make_inputs,
-                    minor_faults, parse_common, random_bn_, results_folder, selected_neighbours, sync,
+                    parse_common, random_bn_, results_folder, selected_neighbours, sync,
                     timeit, timeit_rounds, try_capture, write_results)
 
 STEPS = ("select", "crop", "convolutions", "fused", "compose", "other")
@@ -289,21 +289,8 @@ def run(args, device, dtype_name, err_kinds, repeat, warmup):
             x = make_inputs(setting, device, dtype, err=kind)
             with torch.no_grad():
                 outputs = {label: model(*x) for label, model in providers.items()}
-                fns = {label: (lambda model=model: model(*x)) for label, model in providers.items()}
-                faults = {label: 0 for label in providers}
-
-                def counted(label, fn):
-                    def call():
-                        before = minor_faults()
-                        fn()
-                        if before is not None:
-                            faults[label] += minor_faults() - before
-                    return call
-                timings = timeit_rounds({label: counted(label, fn) for label, fn in fns.items()}, device,
-                                        warmup=warmup, repeat=repeat, rounds=rounds)
-                for label, t in timings.items():
-                    calls = rounds * warmup + t["repeat"]
-                    t["page_faults_per_call"] = None if minor_faults() is None else faults[label] / calls
+                timings = timeit_rounds({label: (lambda model=model: model(*x)) for label, model in providers.items()},
+                                        device, warmup=warmup, repeat=repeat, rounds=rounds)
             base = timings["upstream"]["median_ms"]
             graph = graph_timings(providers, graphs, x, outputs, base, device, dtype, warmup, repeat) if cuda else None
             ref = outputs["upstream"][2]

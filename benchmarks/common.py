@@ -111,14 +111,22 @@ def timeit_rounds(fns, device, warmup=2, repeat=7, rounds=1):
     drift; spread over rounds, every provider samples the same stretches of
     time."""
     times = {label: [] for label in fns}
+    faults = dict.fromkeys(fns, 0)
     per_round = max(1, -(-repeat // rounds))
     for _ in range(rounds):
         for label, fn in fns.items():
             for _ in range(warmup):
                 fn()
             sync(device)
+            before = minor_faults()
             times[label] += _call_times(fn, device, per_round)
-    return {label: summarize(t) for label, t in times.items()}
+            if before is not None:
+                faults[label] += minor_faults() - before
+    out = {label: summarize(t) for label, t in times.items()}
+    for label, summary in out.items():
+        # Minor page faults per timed call (CPU; None where unknown).
+        summary["page_faults_per_call"] = None if minor_faults() is None else faults[label] / len(times[label])
+    return out
 
 
 def load_average():
