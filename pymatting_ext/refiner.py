@@ -664,9 +664,8 @@ class Refiner(nn.Module):
     #: Patches per chunk on the CPU in eval mode (see forward). NB: measured
     #: on 2 cores (AMD EPYC) with uniform random err, 1536 beat 512 by 8%
     #: at HD and 20% at 4K (fewer calls, each with its serial part), and tied
-    #: with boundary err; a chunk's crop (16.5 MB at kernel_size 3) stays
-    #: under the crop kernel's streaming threshold (16 MiB): conv1 reads it
-    #: from cache.
+    #: with boundary err. A chunk's crop (16.5 MB at kernel_size 3) is
+    #: streamed to memory by the crop kernel (see crop_kernel.cpp).
     cpu_chunk_patches = 1536
     #: The most memory the patches of one chunk may take by default (bytes):
     #: a quarter of the free device memory, at most this.
