@@ -39,6 +39,21 @@ struct CropSource {
   std::vector<at::opmath_type<scalar_t>> col_w0, col_w1;
 };
 
+// The input rows [r_lo, r_hi) and columns [q_lo, q_hi) of a source that
+// output rows [ylo, yhi) and columns [xlo, xhi) read (non-empty ranges).
+struct SourceWindow {
+  int64_t r_lo, r_hi, q_lo, q_hi;
+};
+
+template <typename scalar_t>
+inline SourceWindow source_window(const CropSource<scalar_t>& s, int64_t ylo, int64_t yhi, int64_t xlo,
+                                  int64_t xhi) {
+  if (!s.resample) {
+    return {ylo, yhi, xlo, xhi};
+  }
+  return {s.rows[ylo].i0, s.rows[yhi - 1].i1 + 1, s.cols[xlo].i0, s.cols[xhi - 1].i1 + 1};
+}
+
 // out[i] = a[i] * wa + b[i] * wb for n contiguous elements, in opmath_t,
 // rounded to T once: one pass of linear_mix, vectorised by the compiler.
 template <typename T, typename opmath_t>
@@ -68,8 +83,7 @@ void crop_resampled(const CropSource<scalar_t>& s, int64_t b, int64_t ylo, int64
                     int64_t xhi, scalar_t* out, int64_t row_pitch, int64_t C_out,
                     CropScratch<opmath_t>& scratch) {
   const int64_t SC = static_cast<int64_t>(s.planes.size());
-  const int64_t r_lo = s.rows[ylo].i0, r_hi = s.rows[yhi - 1].i1 + 1;
-  const int64_t q_lo = s.cols[xlo].i0, q_hi = s.cols[xhi - 1].i1 + 1;
+  const auto [r_lo, r_hi, q_lo, q_hi] = source_window(s, ylo, yhi, xlo, xhi);
   const int64_t nr = r_hi - r_lo, nq = q_hi - q_lo, nx = xhi - xlo;
   scratch.window.resize(static_cast<size_t>(nr * nq * SC));
   scratch.widened.resize(static_cast<size_t>(nr * nx * SC));
@@ -165,12 +179,14 @@ bool vector_path_fits(const CropSource<scalar_t>& s, int64_t H, int64_t W) {
     return false;
   }
   for (int64_t x = 0; x + 8 <= W; ++x) {
-    if (s.cols[x + 7].i1 - s.cols[x].i0 + 1 > 16) {
+    const SourceWindow w = source_window(s, 0, 1, x, x + 8);
+    if (w.q_hi - w.q_lo > 16) {
       return false;
     }
   }
   for (int64_t y = 0; y < H; ++y) {
-    if (s.rows[std::min(y + 7, H - 1)].i1 - s.rows[y].i0 + 1 > kVectorMaxRows) {
+    const SourceWindow w = source_window(s, y, std::min(y + 8, H), 0, 1);
+    if (w.r_hi - w.r_lo > kVectorMaxRows) {
       return false;
     }
   }
@@ -200,17 +216,14 @@ PYMATTING_EXT_TARGET_AVX2 void crop_vector(const std::vector<CropSource<float>>&
       int64_t c_base = 0;
       for (const auto& s : sources) {
         const int64_t SC = static_cast<int64_t>(s.planes.size());
-        int64_t r_lo = by, nr = ny, q_lo = bx, avail = 8;
-        bool wide = false;
+        const SourceWindow win = source_window(s, by, by + ny, bx, bx + 8);
+        const int64_t r_lo = win.r_lo, nr = win.r_hi - win.r_lo, q_lo = win.q_lo;
+        const bool wide = win.q_hi - q_lo > 8;
+        // Window columns that exist: the loads read no further.
+        const int64_t avail = s.width - q_lo;
         __m256i i0 = _mm256_setzero_si256(), i1 = i0;
         __m256 w0 = _mm256_setzero_ps(), w1 = w0, hi0 = w0, hi1 = w0;
         if (s.resample) {
-          r_lo = s.rows[by].i0;
-          nr = s.rows[by + ny - 1].i1 + 1 - r_lo;
-          q_lo = s.col_i0[bx];
-          wide = s.col_i1[bx + 7] + 1 - q_lo > 8;
-          // Window columns that exist: the loads read no further.
-          avail = s.width - q_lo;
           const __m256i base = _mm256_set1_epi32(static_cast<int>(q_lo));
           i0 = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(&s.col_i0[bx])), base);
           i1 = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(&s.col_i1[bx])), base);
@@ -358,10 +371,7 @@ void prefetch_windows(const std::vector<CropSource<scalar_t>>& sources, int64_t 
     return;
   }
   for (const auto& s : sources) {
-    const int64_t r_lo = s.resample ? s.rows[y_lo].i0 : y_lo;
-    const int64_t r_hi = s.resample ? s.rows[y_hi - 1].i1 + 1 : y_hi;
-    const int64_t q_lo = s.resample ? s.cols[x_lo].i0 : x_lo;
-    const int64_t q_hi = s.resample ? s.cols[x_hi - 1].i1 + 1 : x_hi;
+    const auto [r_lo, r_hi, q_lo, q_hi] = source_window(s, y_lo, y_hi, x_lo, x_hi);
     for (const auto& pl : s.planes) {
       if (pl.stride_w != 1) {
         continue;
