@@ -308,7 +308,7 @@ def run(args, dev, dtype_name, repeat, warmup):
                             g["GBps"] = nbytes / g["median_ms"] / 1e6 if moves(p) else None
                         graph[p] = g
                 # NB: timed beside the step, not once for the run: a shared
-                # machine's memory bandwidth drifts (33-42 GB/s in a day here).
+                # machine's memory bandwidth drifts (30-47 GB/s in a day here).
                 step_copy = copy_now() if nbytes else None
                 fmt = lambda v: "" if v is None else f"{v:.1f}"
                 for p in providers:
