@@ -1,4 +1,5 @@
-"""The CPU kernels' AVX2 paths against their portable loops, bit for bit.
+"""The CPU kernels' AVX2 paths (crop, compose) against their portable loops,
+bit for bit.
 
 The vector paths run wherever the CPU has AVX2 (float32 only), so every
 other CPU test already checks them against the reference within tolerance;
@@ -69,6 +70,44 @@ def cases():
     return out
 
 
+def compose_cases():
+    """(name, coarse, patches, idx, valid, size, src, out_offset): compose's
+    upsample at HD's and 4K's scales (x4, x8), odd sizes and scales (blocks
+    of 8 columns reading more than 8 coarse columns, remainder columns), a
+    strided coarse map and src, the epilogue with values outside [0, 1] and
+    NaN, invalid patches, batch 2, and outputs large enough to be streamed
+    (>= 4 MiB), one of them at an unaligned address (out_offset elements
+    into its storage)."""
+    g = torch.Generator().manual_seed(1)
+
+    def case(name, B, C, hc, wc, H, W, s, n, *, src=False, strided=False, offset=0):
+        coarse = torch.randn(B, C, hc, wc, generator=g)
+        if strided:
+            coarse = torch.randn(B, C, hc, 2 * wc, generator=g)[..., ::2]
+        cells = torch.stack([torch.randint(0, B, (n,), generator=g), torch.randint(0, H // s, (n,), generator=g),
+                             torch.randint(0, W // s, (n,), generator=g)], 1)
+        patches = torch.randn(n, C, s, s, generator=g) * 2
+        patches[0, 0, 0, 0] = float("nan")
+        valid = torch.rand(n, generator=g) > 0.2
+        image = None
+        if src:
+            image = torch.rand(B, C - 1, H, 2 * W if strided else W, generator=g)
+            image = image[..., ::2] if strided else image
+        return (name, coarse, patches, cells, valid, (H, W), image, offset)
+
+    return [
+        case("x4", 2, 4, 17, 30, 68, 120, 4, 50),
+        case("x4 matting", 2, 4, 17, 30, 68, 120, 4, 50, src=True),
+        case("x8 odd", 1, 3, 9, 14, 72, 108, 4, 30, src=True),
+        case("odd scale", 1, 2, 23, 41, 30, 52, 2, 40),
+        case("near 1:1", 1, 2, 23, 56, 30, 52, 2, 40),
+        case("down", 2, 3, 40, 90, 30, 52, 2, 40, src=True),
+        case("strided", 2, 4, 17, 30, 68, 120, 4, 50, src=True, strided=True),
+        case("streamed", 1, 4, 136, 121, 544, 484, 4, 900, src=True),
+        case("streamed unaligned", 2, 4, 68, 123, 272, 492, 4, 400, offset=3),
+    ]
+
+
 def run_cases():
     results = {}
     for name, inputs, idx, stride, padding, size, patch, offset, channels in cases():
@@ -78,10 +117,17 @@ def run_cases():
         into = into.contiguous(memory_format=torch.channels_last)
         pm.crop_into(inputs, idx, stride, padding, size, offset, into, backend="cpu")
         results[name + " crop_into"] = into
+    for name, coarse, patches, idx, valid, size, src, offset in compose_cases():
+        results[name + " compose"] = pm.compose(coarse, patches, idx, valid, size, src, backend="cpu")
+        shape = (coarse.shape[0], coarse.shape[1]) + tuple(size)
+        storage = torch.full((offset + torch.Size(shape).numel(),), float("nan"))
+        into = storage[offset:].view(shape)
+        pm.compose_into(coarse, patches, idx, valid, src, into, backend="cpu")
+        results[name + " compose_into"] = into.clone()
     return results
 
 
-def test_crop_vector_path_matches_portable_loops_bitwise():
+def test_vector_paths_match_portable_loops_bitwise():
     here = run_cases()
     env = dict(os.environ, PYMATTING_EXT_CPU_CAPABILITY="default",
                PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -96,6 +142,13 @@ def test_crop_vector_path_matches_portable_loops_bitwise():
         want = torch.from_numpy(there[name])
         assert torch.equal(got.isnan(), want.isnan()), name
         assert torch.equal(got.nan_to_num(), want.nan_to_num()), name
+
+
+def test_compose_vector_cases_match_reference():
+    for name, coarse, patches, idx, valid, size, src, _ in compose_cases():
+        got = pm.compose(coarse, patches, idx, valid, size, src, backend="cpu")
+        want = reference.compose(coarse, patches, idx, valid, size, src)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6, equal_nan=True, msg=name)
 
 
 def test_crop_vector_cases_match_reference():

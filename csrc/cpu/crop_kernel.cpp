@@ -321,30 +321,6 @@ inline void crop_vector_path(const std::vector<CropSource<float>>& sources, int6
 }
 #endif
 
-// dst[0, n) = src[0, n) with non-temporal stores (src 32-byte aligned; dst
-// too, and n a multiple of 8, checked by the caller): the lines of dst are
-// written to memory without first being read into the cache.
-template <typename T>
-inline void stream_copy(T* dst, const T* src, int64_t n) {
-  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
-}
-
-#if PYMATTING_EXT_AVX2
-PYMATTING_EXT_TARGET_AVX2 inline void stream_copy(float* dst, const float* src, int64_t n) {
-  for (int64_t i = 0; i < n; i += 8) {
-    _mm256_stream_ps(dst + i, _mm256_load_ps(src + i));
-  }
-}
-#endif
-
-// Orders earlier non-temporal stores before the stores that follow (they are
-// weakly ordered otherwise).
-inline void stream_fence() {
-#if PYMATTING_EXT_AVX2
-  _mm_sfence();
-#endif
-}
-
 // Asks for the cache line at p, into L2.
 // NB: L2, not L1: a patch's windows are ~500 lines (30 KB) that are asked
 // for a few patches ahead of their use, which L1 (32 KB) cannot hold.
@@ -464,19 +440,15 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
     const int64_t tiles = tiles_y * tiles_x;
     // Patches prefetched ahead of the one being cut (when a patch is one tile).
     constexpr int64_t kAhead = 4;
-    // NB: an ordinary store first reads the line it writes (read for
-    // ownership), half the traffic of an output that is not in cache, and
-    // the crop's scattered stores wait on those reads. So where a patch is
-    // one tile, written whole, and the output is beyond the cores' L2
-    // caches, each patch is assembled in a buffer that stays in L1 and
-    // streamed out with non-temporal stores. Measured on 2 cores (AMD EPYC):
-    // the refiner's 1536-patch chunks (16.5 MB) crop 30% faster so, and the
-    // whole refiner runs 3-6% faster although conv1 then reads the patches
-    // from memory rather than cache.
-    constexpr int64_t kStreamBytes = int64_t(4) << 20;
+    // NB: the crop's scattered stores would wait on the reads for ownership
+    // of an output beyond the caches (see kStreamBytes). So where a patch is
+    // one tile, written whole, and the output is that large, each patch is
+    // assembled in a buffer that stays in L1 and streamed out. Measured on 2
+    // cores (AMD EPYC): the refiner's 1536-patch chunks (16.5 MB) crop 30%
+    // faster so, and the whole refiner runs 3-6% faster although conv1 then
+    // reads the patches from memory rather than cache.
     const int64_t patch_elems = PH * row_pitch;
-    const bool stream = vector && tiles == 1 && C == C_out && out.nbytes() >= kStreamBytes &&
-                        reinterpret_cast<uintptr_t>(out_all) % 32 == 0 && patch_elems % 8 == 0;
+    const bool stream = vector && tiles == 1 && C == C_out && out.nbytes() >= kStreamBytes;
     at::parallel_for(0, P * tiles, 8, [&](int64_t t0, int64_t t1) {
       CropScratch<opmath_t> scratch;
       std::vector<scalar_t> patch_buffer(stream ? patch_elems + 64 / sizeof(scalar_t) : 0);
@@ -538,7 +510,7 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
           }
         }
         if (stream) {
-          stream_copy(out_all + p * patch_elems, assembled, patch_elems);
+          stream_store(out_all + p * patch_elems, assembled, patch_elems);
         }
       }
       if (stream) {
