@@ -30,6 +30,11 @@ Steps:
                  kernel's own speed, without the page faults of a fresh
                  output beyond malloc's mmap threshold (crop/2's 54 MB at HD)
                  upstream: as in crop/2 and crop/1 (it has no such form)
+  crop/2 into,   crop/2 into with every patch at the first one's cell: the
+    one window   inputs it reads then stay in cache, so this row is the
+                 kernel's own speed at writing its output (its computing and
+                 its stores) without the scattered reads of the windows
+                 upstream: as in crop/2 (its work does not depend on idx)
   compose        ours: compose(cat(pha, fgr), patches, idx, valid, (H, W))
                  upstream: interpolate(cat(pha, fgr)) to H x W, then the
                  scatter_nd replace (view/permute/index-assign)
@@ -229,6 +234,12 @@ def run(args, dev, dtype_name, repeat, warmup):
             crop2_bytes = (P * 42 * 8 * 8 + 36 * pixels_read((Hc, Wc), half_mask)
                            + 6 * pixels_read(full, half_mask)) * esize + idx_bytes
             del half_mask
+            # Every patch at one cell: crop/2 into with its inputs in cache.
+            idx_one = idx[:1].expand(P, 3).contiguous()
+            one_mask = window_mask(idx_one, B, half, 2, 3, dev)
+            one_bytes = (P * 42 * 8 * 8 + 36 * pixels_read((Hc, Wc), one_mask)
+                         + 6 * pixels_read(full, one_mask)) * esize + idx_bytes
+            del one_mask
             crop1_bytes = (P * 6 * 8 * 8 + 6 * pixels_read(full, window_mask(idx, B, full, 4, 2, dev))) * esize \
                 + idx_bytes
             outside = 1.0 - window_mask(idx, B, full, 4, 0, dev)
@@ -258,6 +269,10 @@ def run(args, dev, dtype_name, repeat, warmup):
                 "crop/2 into": (crop2_bytes, {"upstream": up_crop_half,
                                               **each(lambda b: ops.run_crop_into(b, [hid, pha, fgr, src, bgr], idx,
                                                                                  2, 3, half, 0, half_out))}),
+                "crop/2 into, one window": (one_bytes, {"upstream": up_crop_half,
+                                                        **each(lambda b: ops.run_crop_into(
+                                                            b, [hid, pha, fgr, src, bgr], idx_one, 2, 3, half, 0,
+                                                            half_out))}),
                 "crop/1 into": (crop1_bytes, {"upstream": lambda: upstream_crop(torch.cat([src, bgr], 1), idx, 4, 2),
                                               **each(lambda b: ops.run_crop_into(b, [src, bgr], idx, 4, 2, full, 0,
                                                                                  full_out))}),
