@@ -257,9 +257,10 @@ void compose_impl(const char* op, const at::Tensor& coarse, const at::Tensor& pa
         const opmath_t* bottom = coarse_row(plane, ty.i1, plane * HCo + ty.i0);
         scalar_t* o = stream ? assembled.data() : out_all + r * W;
         const opmath_t w0 = ty.w0, w1 = ty.w1;
-        const bool blended = vector && blend_rows_vector(top, bottom, w0, w1, o, W);
-        for (int64_t x = 0; x < W && !blended; ++x) {
-          o[x] = static_cast<scalar_t>(top[x] * w0 + bottom[x] * w1);
+        if (!(vector && blend_rows_vector(top, bottom, w0, w1, o, W))) {
+          for (int64_t x = 0; x < W; ++x) {
+            o[x] = static_cast<scalar_t>(top[x] * w0 + bottom[x] * w1);
+          }
         }
         const int64_t cell_row = b * HB + y / s, py = y % s;
         for (int64_t e = refined.start[cell_row]; e < refined.start[cell_row + 1]; ++e) {
@@ -272,11 +273,14 @@ void compose_impl(const char* op, const at::Tensor& coarse, const at::Tensor& pa
         }
         if (src_p != nullptr) {
           const scalar_t* srow = c == 0 ? nullptr : src_p + b * ss[0] + (c - 1) * ss[1] + y * ss[2];
-          const bool finished = vector && (srow == nullptr || ss[3] == 1) && epilogue_vector(o, srow, W);
-          for (int64_t x = 0; x < W && !finished; ++x) {
-            if (srow == nullptr) {
+          if (vector && (srow == nullptr || ss[3] == 1) && epilogue_vector(o, srow, W)) {
+            // The vector path did it.
+          } else if (srow == nullptr) {
+            for (int64_t x = 0; x < W; ++x) {
               o[x] = clamp01(o[x]);
-            } else {
+            }
+          } else {
+            for (int64_t x = 0; x < W; ++x) {
               // Rounded to scalar_t after the add, as fgr.add_(src) does.
               o[x] = clamp01(static_cast<scalar_t>(static_cast<opmath_t>(o[x]) +
                                                    static_cast<opmath_t>(srow[x * ss[3]])));
