@@ -237,9 +237,12 @@ def run(args, dev, dtype_name, repeat, warmup):
             del half_mask
             # Every patch at one cell: crop/2 into with its inputs in cache.
             idx_one = idx[:1].expand(P, 3).contiguous()
-            one_bytes = None if cuda else (
-                (P * 42 * 8 * 8 + 36 * pixels_read((Hc, Wc), window_mask(idx_one, B, half, 2, 3, dev))
-                 + 6 * pixels_read(full, window_mask(idx_one, B, half, 2, 3, dev))) * esize + idx_bytes)
+            one_bytes = None
+            if not cuda:
+                one_mask = window_mask(idx_one, B, half, 2, 3, dev)
+                one_bytes = (P * 42 * 8 * 8 + 36 * pixels_read((Hc, Wc), one_mask)
+                             + 6 * pixels_read(full, one_mask)) * esize + idx_bytes
+                del one_mask
             crop1_bytes = (P * 6 * 8 * 8 + 6 * pixels_read(full, window_mask(idx, B, full, 4, 2, dev))) * esize \
                 + idx_bytes
             outside = 1.0 - window_mask(idx, B, full, 4, 0, dev)

@@ -78,81 +78,19 @@ ColumnBlocks column_blocks(const std::vector<LinearTap<opmath_t>>& cols) {
 }
 
 // dst[x] = row[t.i0] * t.w0 + row[t.i1] * t.w1 (t = cols[x]) for x in
-// [x0, W): the portable width pass of one coarse row (elements `step` apart).
+// [x0, x1): the portable width pass of one coarse row (elements `step` apart).
 template <typename scalar_t, typename opmath_t>
 inline void widen_row(const scalar_t* row, int64_t step, const std::vector<LinearTap<opmath_t>>& cols,
-                      int64_t x0, opmath_t* dst) {
-  const int64_t W = static_cast<int64_t>(cols.size());
-  for (int64_t x = x0; x < W; ++x) {
+                      int64_t x0, int64_t x1, opmath_t* dst) {
+  for (int64_t x = x0; x < x1; ++x) {
     const auto& t = cols[x];
     dst[x] = static_cast<opmath_t>(row[t.i0 * step]) * t.w0 + static_cast<opmath_t>(row[t.i1 * step]) * t.w1;
   }
 }
 
-// The float32 AVX2 versions of the row operations, in the portable loops'
-// operations and order (mul, mul, add; the same clamp), so the same bits.
-#if PYMATTING_EXT_AVX2
-// widen_row over the blocks that fit (row contiguous, WCo elements).
-PYMATTING_EXT_TARGET_AVX2 void widen_row_avx2(const float* row, int64_t WCo, const ColumnBlocks& cb,
-                                              const std::vector<LinearTap<float>>& cols, float* dst) {
-  const int64_t blocks = static_cast<int64_t>(cb.first.size());
-  for (int64_t k = 0; k < blocks; ++k) {
-    const int64_t bx = 8 * k, q = cb.first[k];
-    if (q < 0) {
-      for (int64_t x = bx; x < bx + 8; ++x) {
-        dst[x] = row[cols[x].i0] * cols[x].w0 + row[cols[x].i1] * cols[x].w1;
-      }
-      continue;
-    }
-    const __m256 v = load_first(row + q, WCo - q);
-    const __m256 a = _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&cb.i0[bx])));
-    const __m256 b = _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&cb.i1[bx])));
-    _mm256_storeu_ps(dst + bx, _mm256_add_ps(_mm256_mul_ps(a, _mm256_loadu_ps(&cb.w0[bx])),
-                                             _mm256_mul_ps(b, _mm256_loadu_ps(&cb.w1[bx]))));
-  }
-  widen_row(row, 1, cols, 8 * blocks, dst);
-}
-
-// o[x] = top[x] * w0 + bottom[x] * w1 for x in [0, n).
-PYMATTING_EXT_TARGET_AVX2 void blend_rows_avx2(const float* top, const float* bottom, float w0, float w1,
-                                               float* o, int64_t n) {
-  const __m256 a = _mm256_set1_ps(w0), b = _mm256_set1_ps(w1);
-  int64_t x = 0;
-  for (; x + 8 <= n; x += 8) {
-    _mm256_storeu_ps(o + x, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(top + x), a),
-                                          _mm256_mul_ps(_mm256_loadu_ps(bottom + x), b)));
-  }
-  for (; x < n; ++x) {
-    o[x] = top[x] * w0 + bottom[x] * w1;
-  }
-}
-
-// clamp01 of each lane: NaN passes (neither comparison holds), -0 stays.
-PYMATTING_EXT_TARGET_AVX2 inline __m256 clamp01_avx2(__m256 v) {
-  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
-  v = _mm256_blendv_ps(v, zero, _mm256_cmp_ps(v, zero, _CMP_LT_OQ));
-  return _mm256_blendv_ps(v, one, _mm256_cmp_ps(v, one, _CMP_GT_OQ));
-}
-
-// o[x] = clamp01(o[x] (+ s[x] where s)) for x in [0, n) (s contiguous).
-PYMATTING_EXT_TARGET_AVX2 void epilogue_avx2(float* o, const float* s, int64_t n) {
-  int64_t x = 0;
-  for (; x + 8 <= n; x += 8) {
-    __m256 v = _mm256_loadu_ps(o + x);
-    if (s != nullptr) {
-      v = _mm256_add_ps(v, _mm256_loadu_ps(s + x));
-    }
-    _mm256_storeu_ps(o + x, clamp01_avx2(v));
-  }
-  for (; x < n; ++x) {
-    o[x] = clamp01(s != nullptr ? o[x] + s[x] : o[x]);
-  }
-}
-#endif  // PYMATTING_EXT_AVX2
-
-// The vector path's row operations where they exist (float32 on x86-64):
-// each returns whether it ran; the caller only asks when the vector path is
-// on, which it never is for other types.
+// The vector path's row operations: each returns whether it ran. They run
+// for float32 on x86-64 (the AVX2 overloads below); the caller only asks
+// when the vector path is on, which it never is for other types.
 template <typename scalar_t, typename opmath_t>
 inline bool widen_row_vector(const scalar_t*, int64_t, const ColumnBlocks&,
                              const std::vector<LinearTap<opmath_t>>&, opmath_t*) {
@@ -169,23 +107,68 @@ inline bool epilogue_vector(scalar_t*, const scalar_t*, int64_t) {
   return false;
 }
 
+// The AVX2 overloads, in the portable loops' operations and order (mul,
+// mul, add; the same clamp), so the same bits.
 #if PYMATTING_EXT_AVX2
-inline bool widen_row_vector(const float* row, int64_t WCo, const ColumnBlocks& cb,
-                             const std::vector<LinearTap<float>>& cols, float* dst) {
-  widen_row_avx2(row, WCo, cb, cols, dst);
+// widen_row of a contiguous coarse row (WCo elements), the blocks that fit
+// 8 output columns at a time.
+PYMATTING_EXT_TARGET_AVX2 inline bool widen_row_vector(const float* row, int64_t WCo, const ColumnBlocks& cb,
+                                                       const std::vector<LinearTap<float>>& cols, float* dst) {
+  const int64_t blocks = static_cast<int64_t>(cb.first.size());
+  for (int64_t k = 0; k < blocks; ++k) {
+    const int64_t bx = 8 * k, q = cb.first[k];
+    if (q < 0) {
+      widen_row(row, 1, cols, bx, bx + 8, dst);
+      continue;
+    }
+    const __m256 v = load_first(row + q, WCo - q);
+    const __m256 a = _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&cb.i0[bx])));
+    const __m256 b = _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&cb.i1[bx])));
+    _mm256_storeu_ps(dst + bx, _mm256_add_ps(_mm256_mul_ps(a, _mm256_loadu_ps(&cb.w0[bx])),
+                                             _mm256_mul_ps(b, _mm256_loadu_ps(&cb.w1[bx]))));
+  }
+  widen_row(row, 1, cols, 8 * blocks, static_cast<int64_t>(cols.size()), dst);
   return true;
 }
 
-inline bool blend_rows_vector(const float* top, const float* bottom, float w0, float w1, float* o, int64_t n) {
-  blend_rows_avx2(top, bottom, w0, w1, o, n);
+// o[x] = top[x] * w0 + bottom[x] * w1 for x in [0, n).
+PYMATTING_EXT_TARGET_AVX2 inline bool blend_rows_vector(const float* top, const float* bottom, float w0, float w1,
+                                                        float* o, int64_t n) {
+  const __m256 a = _mm256_set1_ps(w0), b = _mm256_set1_ps(w1);
+  int64_t x = 0;
+  for (; x + 8 <= n; x += 8) {
+    _mm256_storeu_ps(o + x, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(top + x), a),
+                                          _mm256_mul_ps(_mm256_loadu_ps(bottom + x), b)));
+  }
+  for (; x < n; ++x) {
+    o[x] = top[x] * w0 + bottom[x] * w1;
+  }
   return true;
 }
 
-inline bool epilogue_vector(float* o, const float* s, int64_t n) {
-  epilogue_avx2(o, s, n);
+// clamp01 of each lane: NaN passes (neither comparison holds), -0 stays.
+PYMATTING_EXT_TARGET_AVX2 inline __m256 clamp01_avx2(__m256 v) {
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  v = _mm256_blendv_ps(v, zero, _mm256_cmp_ps(v, zero, _CMP_LT_OQ));
+  return _mm256_blendv_ps(v, one, _mm256_cmp_ps(v, one, _CMP_GT_OQ));
+}
+
+// o[x] = clamp01(o[x] (+ s[x] where s)) for x in [0, n) (s contiguous).
+PYMATTING_EXT_TARGET_AVX2 inline bool epilogue_vector(float* o, const float* s, int64_t n) {
+  int64_t x = 0;
+  for (; x + 8 <= n; x += 8) {
+    __m256 v = _mm256_loadu_ps(o + x);
+    if (s != nullptr) {
+      v = _mm256_add_ps(v, _mm256_loadu_ps(s + x));
+    }
+    _mm256_storeu_ps(o + x, clamp01_avx2(v));
+  }
+  for (; x < n; ++x) {
+    o[x] = clamp01(s != nullptr ? o[x] + s[x] : o[x]);
+  }
   return true;
 }
-#endif
+#endif  // PYMATTING_EXT_AVX2
 
 // Writes the output into out, a contiguous (B, C, H, W) tensor; the
 // arguments are checked by the caller.
@@ -244,7 +227,7 @@ void compose_impl(const char* op, const at::Tensor& coarse, const at::Tensor& pa
         const scalar_t* row = in + b * is[0] + c * is[1] + cy * is[2];
         opmath_t* dst = buf[j].data();
         if (!(vector && is[3] == 1 && widen_row_vector(row, WCo, blocks, cols, dst))) {
-          widen_row(row, is[3], cols, 0, dst);
+          widen_row(row, is[3], cols, 0, W, dst);
         }
         key[j] = k;
         return dst;

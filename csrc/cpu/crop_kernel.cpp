@@ -7,7 +7,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -193,6 +192,12 @@ bool vector_path_fits(const CropSource<scalar_t>& s, int64_t H, int64_t W) {
   return true;
 }
 
+// The vector path for other types than float32 (and off x86-64): never
+// called (the caller's flag is never set for them), there to compile.
+template <typename scalar_t>
+inline void crop_vector(const std::vector<CropSource<scalar_t>>&, int64_t, int64_t, int64_t, int64_t, int64_t,
+                        scalar_t*, int64_t, int64_t) {}
+
 #if PYMATTING_EXT_AVX2
 // The float32 AVX2 path over image rows [ylo, yhi) and columns [xlo, xhi)
 // of image b, all inside the image, xhi - xlo a multiple of 8 (out as
@@ -306,20 +311,6 @@ PYMATTING_EXT_TARGET_AVX2 void crop_vector(const std::vector<CropSource<float>>&
   }
 }
 #endif  // PYMATTING_EXT_AVX2
-
-// crop_vector where it exists (float32 on x86-64); the caller's flag says
-// whether to call it, and is never set for other types.
-template <typename scalar_t>
-inline void crop_vector_path(const std::vector<CropSource<scalar_t>>&, int64_t, int64_t, int64_t,
-                             int64_t, int64_t, scalar_t*, int64_t, int64_t) {}
-
-#if PYMATTING_EXT_AVX2
-inline void crop_vector_path(const std::vector<CropSource<float>>& sources, int64_t b, int64_t ylo,
-                             int64_t yhi, int64_t xlo, int64_t xhi, float* out, int64_t row_pitch,
-                             int64_t C_out) {
-  crop_vector(sources, b, ylo, yhi, xlo, xhi, out, row_pitch, C_out);
-}
-#endif
 
 // Asks for the cache line at p, into L2.
 // NB: L2, not L1: a patch's windows are ~500 lines (30 KB) that are asked
@@ -492,7 +483,7 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
           if (vector) {
             x_mid = x_lo + (x_hi - x_lo) / 8 * 8;
             if (x_mid > x_lo) {
-              crop_vector_path(sources, b, y_lo, y_hi, x_lo, x_mid, inside, row_pitch, C_out);
+              crop_vector(sources, b, y_lo, y_hi, x_lo, x_mid, inside, row_pitch, C_out);
             }
           }
           scalar_t* rest = inside + (x_mid - x_lo) * C_out;
