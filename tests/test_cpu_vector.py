@@ -29,7 +29,7 @@ def cases():
     """(name, inputs, idx, stride, padding, image_size, patch_size, channel_offset, out_channels):
     the refiner's crops at HD's and 4K's scales (x2 and x4 up, /2 down, the
     image's own size), odd sizes and patch shapes, patches across every edge,
-    batch 2, channels-last and sliced inputs, and an output large enough to
+    batch 2, channels-last and sliced inputs, and outputs large enough to
     be streamed (>= 4 MiB)."""
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.rand(*s, generator=g)
@@ -67,6 +67,30 @@ def cases():
     big = [r(1, 32, H // 4, W // 4), r(1, 1, H // 4, W // 4), r(1, 3, H // 4, W // 4), r(1, 3, H, W),
            r(1, 3, H, W)]
     out.append(("streamed", big, idx_for(1, H // 4, W // 4, 500), 2, 3, (H // 2, W // 2), None, 0, 42))
+    # Channels-last inputs (read a pixel's channels at a time): the coarse
+    # inputs as a channels-last base network gives them (views of one
+    # 37-channel output: hid's runs of 8 channels, pha and fgr one run of 4),
+    # src and bgr planar or channels-last (two runs of 3 in one group), the
+    # full-resolution crop (no resampling), x4 up, and a source mixing
+    # planar and channels-last planes.
+    B, H, W = 2, 68, 124
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)
+    x37 = cl(r(B, 37, H // 4, W // 4))
+    coarse = [x37[:, 5:], x37[:, 0:1], x37[:, 1:4]]
+    src, bgr = r(B, 3, H, W), r(B, 3, H, W)
+    idx = idx_for(B, H // 4, W // 4, 60)
+    out.append(("cl coarse", coarse + [src, bgr], idx, 2, 3, (H // 2, W // 2), None, 0, 42))
+    out.append(("cl all", coarse + [cl(src), cl(bgr)], idx, 2, 3, (H // 2, W // 2), None, 0, 42))
+    out.append(("cl full into", [cl(src), cl(bgr)], idx, 4, 2, (H, W), None, 3, 11))
+    out.append(("cl x4 up", [cl(r(B, 11, H // 8 + 1, W // 8 + 1)), cl(src)], idx, 2, 3, (H // 2, W // 2), None,
+                0, 14))
+    out.append(("cl mixed", [cl(r(B, 5, H // 4, W // 4)), r(B, 2, H // 4, W // 4), x37[:, 30:], src], idx, 2, 3,
+                (H // 2, W // 2), None, 0, 17))
+    # Many patches with channels-last coarse inputs: streamed out.
+    H, W = 120, 200
+    x37 = cl(r(1, 37, H // 4, W // 4))
+    big = [x37[:, 5:], x37[:, 0:1], x37[:, 1:4], r(1, 3, H, W), r(1, 3, H, W)]
+    out.append(("cl streamed", big, idx_for(1, H // 4, W // 4, 500), 2, 3, (H // 2, W // 2), None, 0, 42))
     return out
 
 
@@ -158,3 +182,50 @@ def test_crop_vector_cases_match_reference():
         got = pm.crop(inputs, idx, stride, padding, size, patch, backend="cpu")
         want = reference.crop(inputs, idx, stride, padding, size, patch)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=name)
+
+
+GUARD_PAGE_SCRIPT = r"""
+import ctypes, mmap, sys
+import torch
+import pymatting_ext as pm
+from pymatting_ext import reference
+
+page = mmap.PAGESIZE
+buf = mmap.mmap(-1, 3 * page)
+base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+# The third page neither readable nor writable: a read past the tensors
+# below faults.
+assert libc.mprotect(base + 2 * page, page, 0) == 0, ctypes.get_errno()
+
+def at_the_end(c, h, w):
+    # A channels-last (1, c, h, w) tensor whose last element ends the second page.
+    n = c * h * w
+    t = torch.frombuffer(buf, dtype=torch.float32, count=n, offset=2 * page - 4 * n)
+    t.copy_(torch.rand(n, generator=torch.Generator().manual_seed(c)))
+    return t.view(1, h, w, c).permute(0, 3, 1, 2)
+
+H, W = 22, 30
+src = at_the_end(3, H, W)
+assert src.is_contiguous(memory_format=torch.channels_last)
+# Patches whose last 8-column block reads the last pixel (and others).
+cases = [([src], torch.tensor([[0, 3, 5], [0, 0, 0], [0, 5, 7]]), 2, 3, (H // 2, W // 2)),  # resampled (/2)
+         ([src], torch.tensor([[0, 4, 6], [0, 0, 0], [0, 5, 7]]), 4, 2, (H, W))]            # the image's own size
+for inputs, idx, stride, padding, size in cases:
+    got = pm.crop(inputs, idx, stride, padding, size, backend="cpu")
+    want = reference.crop(inputs, idx, stride, padding, size)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+print("ok")
+"""
+
+
+def test_channels_last_crop_reads_nothing_past_its_inputs():
+    # The vector path loads a pixel's channels 8 lanes wide where that stays
+    # inside the input tensor: here a 3-channel channels-last input ends at
+    # a page that cannot be read, with patches at its last pixels. A read
+    # past it would kill the process.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    done = subprocess.run([sys.executable, "-c", GUARD_PAGE_SCRIPT], env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr.decode()[-2000:])
+    assert done.stdout.decode().strip() == "ok"

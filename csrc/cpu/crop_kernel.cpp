@@ -22,6 +22,22 @@ template <typename scalar_t>
 struct CropPlane {
   const scalar_t* data;
   int64_t stride_b, stride_h, stride_w;
+  // The memory of the plane's tensor, first element to one past the last.
+  const scalar_t* lo;
+  const scalar_t* hi;
+};
+
+// Up to 8 channels of a source that sit next to each other at every pixel
+// (a channels-last tensor's): channel first + k (k < n) of pixel (b, y, x)
+// is at data[k + b * stride_b + y * stride_h + x * stride_w].
+template <typename scalar_t>
+struct ChannelRun {
+  int64_t first, n;
+  const scalar_t* data;
+  int64_t stride_b, stride_h, stride_w;
+  // The end of the memory the run may read (the nearest of its planes'
+  // tensors' ends): whole 8-lane loads stay before it.
+  const scalar_t* hi;
 };
 
 // Consecutive inputs of one size are one source: their channels are
@@ -31,6 +47,20 @@ struct CropSource {
   std::vector<CropPlane<scalar_t>> planes;
   int64_t height, width;
   bool resample;
+  // Whether every plane's rows are contiguous (stride_w == 1): the vector
+  // path then reads each plane's rows and transposes; otherwise (channels-
+  // last inputs) it reads each pixel's channels, by `runs`.
+  bool planar = true;
+  std::vector<ChannelRun<scalar_t>> runs;
+  // The memory a pixel's channels span, per tensor: planes that share
+  // strides and lie within one pixel's stride of each other are one span
+  // (a channels-last tensor's channels), read together when prefetched.
+  struct Span {
+    const scalar_t* lo;
+    const scalar_t* hi;  // one past the last channel's element
+    int64_t stride_b, stride_h, stride_w;
+  };
+  std::vector<Span> spans;
   // Taps over the resampled image's rows and columns (empty if !resample).
   std::vector<LinearTap<at::opmath_type<scalar_t>>> rows, cols;
   // The column taps as arrays, for the vector path (loaded 8 at a time).
@@ -160,24 +190,19 @@ void crop_direct(const CropSource<scalar_t>& s, int64_t b, int64_t ylo, int64_t 
 // vector_path_fits keeps to it).
 constexpr int64_t kVectorMaxRows = 24;
 
-// Whether a source's taps suit the vector path: the output columns of any
-// 8-column block read at most 16 input columns, and the rows of any 8-row
-// block at most kVectorMaxRows input rows (true for upsampling and for
-// downsampling by up to 2, the refiner's cases).
+// Whether a source's taps suit the vector path: the rows of any 8-row block
+// read at most kVectorMaxRows input rows, and for a planar source the
+// columns of any 8-column block at most 16 input columns (true for
+// upsampling and for downsampling by up to 2, the refiner's cases).
 template <typename scalar_t>
 bool vector_path_fits(const CropSource<scalar_t>& s, int64_t H, int64_t W) {
-  for (const auto& pl : s.planes) {
-    if (pl.stride_w != 1) {
-      return false;
-    }
-  }
   if (!s.resample) {
     return true;
   }
   if (s.width > INT32_MAX) {
     return false;
   }
-  for (int64_t x = 0; x + 8 <= W; ++x) {
+  for (int64_t x = 0; x + 8 <= W && s.planar; ++x) {
     const SourceWindow w = source_window(s, 0, 1, x, x + 8);
     if (w.q_hi - w.q_lo > 16) {
       return false;
@@ -199,19 +224,92 @@ inline void crop_vector(const std::vector<CropSource<scalar_t>>&, int64_t, int64
                         scalar_t*, int64_t, int64_t) {}
 
 #if PYMATTING_EXT_AVX2
+// 8 lanes from p: a plain load where whole, else the first n (zeros after).
+PYMATTING_EXT_TARGET_AVX2 inline __m256 load_run(const float* p, bool whole, int64_t n) {
+  return whole ? _mm256_loadu_ps(p) : load_first(p, n);
+}
+
+// The vector path of a source that is not planar (channels-last inputs)
+// over the 8 x 8 block of image rows [by, by + ny) and columns [bx, bx + 8)
+// of image b, into o (the block's first pixel, at the source's first
+// channel): per run of channels, each pixel's channels loaded at once,
+// blended across, then down, and stored, with no transposes. across:
+// scratch of kVectorMaxRows x 8 vectors.
+// NB: a run of fewer than 8 channels is loaded 8 lanes wide where that
+// stays in its memory (the lanes after its channels, never stored, hold
+// whatever follows them).
+// NB: the same operations in the same order as crop_resampled, so the same
+// bits.
+PYMATTING_EXT_TARGET_AVX2 void crop_pixels(const CropSource<float>& s, int64_t b, int64_t by, int64_t ny,
+                                           int64_t bx, float* o, int64_t row_pitch, int64_t C_out,
+                                           __m256 (*across)[8]) {
+  if (!s.resample) {
+    for (const auto& R : s.runs) {
+      for (int64_t y = 0; y < ny; ++y) {
+        const float* row = R.data + b * R.stride_b + (by + y) * R.stride_h + bx * R.stride_w;
+        const bool whole = R.hi - (row + 7 * R.stride_w) >= 8;
+        float* orow = o + y * row_pitch + R.first;
+        for (int64_t x = 0; x < 8; ++x) {
+          store_first(orow + x * C_out, load_run(row + x * R.stride_w, whole, R.n), R.n);
+        }
+      }
+    }
+    return;
+  }
+  const SourceWindow win = source_window(s, by, by + ny, bx, bx + 8);
+  const int64_t nr = win.r_hi - win.r_lo;
+  int64_t q0[8], q1[8];
+  __m256 w0[8], w1[8];
+  for (int64_t x = 0; x < 8; ++x) {
+    const auto& t = s.cols[bx + x];
+    q0[x] = t.i0;
+    q1[x] = t.i1;
+    w0[x] = _mm256_set1_ps(t.w0);
+    w1[x] = _mm256_set1_ps(t.w1);
+  }
+  for (const auto& R : s.runs) {
+    // Width pass: each window row at the block's 8 columns.
+    for (int64_t r = 0; r < nr; ++r) {
+      const float* row = R.data + b * R.stride_b + (win.r_lo + r) * R.stride_h;
+      // NB: strides are not negative: the last column's load is the last.
+      const bool whole = R.hi - (row + (win.q_hi - 1) * R.stride_w) >= 8;
+      for (int64_t x = 0; x < 8; ++x) {
+        const __m256 a = load_run(row + q0[x] * R.stride_w, whole, R.n);
+        const __m256 c = load_run(row + q1[x] * R.stride_w, whole, R.n);
+        across[r][x] = _mm256_add_ps(_mm256_mul_ps(a, w0[x]), _mm256_mul_ps(c, w1[x]));
+      }
+    }
+    // Height pass, straight into the channels-last output.
+    for (int64_t y = 0; y < ny; ++y) {
+      const auto& t = s.rows[by + y];
+      const __m256* top = across[t.i0 - win.r_lo];
+      const __m256* bottom = across[t.i1 - win.r_lo];
+      const __m256 wy0 = _mm256_set1_ps(t.w0), wy1 = _mm256_set1_ps(t.w1);
+      float* orow = o + y * row_pitch + R.first;
+      for (int64_t x = 0; x < 8; ++x) {
+        store_first(orow + x * C_out, _mm256_add_ps(_mm256_mul_ps(top[x], wy0), _mm256_mul_ps(bottom[x], wy1)),
+                    R.n);
+      }
+    }
+  }
+}
+
 // The float32 AVX2 path over image rows [ylo, yhi) and columns [xlo, xhi)
 // of image b, all inside the image, xhi - xlo a multiple of 8 (out as
 // crop_resampled's, at the first source's first channel). Blocks of up to
 // 8 x 8 pixels: per channel, each window row is blended across the block's
 // 8 columns at once (permutes by the taps' indices), then down the rows;
 // the blocks of 8 channels are transposed to channels-last and stored.
+// Sources that are not planar take crop_pixels instead.
 // NB: the same operations in the same order as crop_resampled (mul, mul,
 // add; width pass first), so the same bits.
 PYMATTING_EXT_TARGET_AVX2 void crop_vector(const std::vector<CropSource<float>>& sources, int64_t b,
                                            int64_t ylo, int64_t yhi, int64_t xlo, int64_t xhi,
                                            float* out, int64_t row_pitch, int64_t C_out) {
-  // The width pass of a group of 8 channels: [channel][window row].
+  // The width pass of a group of 8 channels: [channel][window row] (planar
+  // sources) or [window row][column] (the others).
   __m256 across[8][kVectorMaxRows];
+  __m256 (*rows_by_column)[8] = reinterpret_cast<__m256 (*)[8]>(&across[0][0]);
   alignas(32) static const float kZeros[8] = {};
   const __m256i seven = _mm256_set1_epi32(7);
   for (int64_t by = ylo; by < yhi; by += 8) {
@@ -221,6 +319,11 @@ PYMATTING_EXT_TARGET_AVX2 void crop_vector(const std::vector<CropSource<float>>&
       int64_t c_base = 0;
       for (const auto& s : sources) {
         const int64_t SC = static_cast<int64_t>(s.planes.size());
+        if (!s.planar) {
+          crop_pixels(s, b, by, ny, bx, o + c_base, row_pitch, C_out, rows_by_column);
+          c_base += SC;
+          continue;
+        }
         const SourceWindow win = source_window(s, by, by + ny, bx, bx + 8);
         const int64_t r_lo = win.r_lo, nr = win.r_hi - win.r_lo, q_lo = win.q_lo;
         const bool wide = win.q_hi - q_lo > 8;
@@ -339,14 +442,12 @@ void prefetch_windows(const std::vector<CropSource<scalar_t>>& sources, int64_t 
   }
   for (const auto& s : sources) {
     const auto [r_lo, r_hi, q_lo, q_hi] = source_window(s, y_lo, y_hi, x_lo, x_hi);
-    for (const auto& pl : s.planes) {
-      if (pl.stride_w != 1) {
-        continue;
-      }
-      const scalar_t* plane = pl.data + b * pl.stride_b;
+    for (const auto& sp : s.spans) {
+      const int64_t first_q = q_lo * sp.stride_w, last_q = (q_hi - 1) * sp.stride_w + (sp.hi - sp.lo) - 1;
       for (int64_t r = r_lo; r < r_hi; ++r) {
-        const uintptr_t first = reinterpret_cast<uintptr_t>(plane + r * pl.stride_h + q_lo);
-        const uintptr_t last = reinterpret_cast<uintptr_t>(plane + r * pl.stride_h + q_hi - 1);
+        const scalar_t* row = sp.lo + b * sp.stride_b + r * sp.stride_h;
+        const uintptr_t first = reinterpret_cast<uintptr_t>(row + first_q);
+        const uintptr_t last = reinterpret_cast<uintptr_t>(row + last_q);
         for (uintptr_t line = first & ~uintptr_t(63); line <= last; line += 64) {
           prefetch_line(reinterpret_cast<const void*>(line));
         }
@@ -396,9 +497,36 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
         }
         sources.push_back(std::move(s));
       }
+      const scalar_t* lo = t.data_ptr<scalar_t>();
+      int64_t last = 0;
+      for (int64_t d = 0; d < t.dim(); ++d) {
+        last += (t.size(d) - 1) * t.stride(d);
+      }
       for (int64_t c = 0; c < t.size(1); ++c) {
         sources.back().planes.push_back(
-            {t.data_ptr<scalar_t>() + c * t.stride(1), t.stride(0), t.stride(2), t.stride(3)});
+            {lo + c * t.stride(1), t.stride(0), t.stride(2), t.stride(3), lo, lo + last + 1});
+      }
+    }
+    for (auto& s : sources) {
+      s.planar = true;
+      for (const auto& pl : s.planes) {
+        s.planar = s.planar && pl.stride_w == 1;
+        // Joins a span of the same strides whose pixel it lies in.
+        bool joined = false;
+        for (auto& sp : s.spans) {
+          const scalar_t* lo = std::min(sp.lo, pl.data);
+          const scalar_t* hi = std::max(sp.hi, pl.data + 1);
+          if (sp.stride_b == pl.stride_b && sp.stride_h == pl.stride_h && sp.stride_w == pl.stride_w &&
+              hi - lo <= std::max<int64_t>(pl.stride_w, 1)) {
+            sp.lo = lo;
+            sp.hi = hi;
+            joined = true;
+            break;
+          }
+        }
+        if (!joined) {
+          s.spans.push_back({pl.data, pl.data + 1, pl.stride_b, pl.stride_h, pl.stride_w});
+        }
       }
     }
     // The float32 vector path, where the CPU has it and every source suits it.
@@ -409,7 +537,21 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
         vector = vector && vector_path_fits(s, H, W);
       }
       for (auto& s : sources) {
-        if (vector && s.resample) {
+        if (vector && !s.planar) {
+          // Runs of up to 8 channels adjacent in memory.
+          for (int64_t c = 0; c < static_cast<int64_t>(s.planes.size()); ++c) {
+            const auto& pl = s.planes[c];
+            auto* last = s.runs.empty() ? nullptr : &s.runs.back();
+            if (last != nullptr && last->n < 8 && last->data + last->n == pl.data && last->stride_b == pl.stride_b &&
+                last->stride_h == pl.stride_h && last->stride_w == pl.stride_w) {
+              ++last->n;
+              last->hi = std::min(last->hi, pl.hi);
+            } else {
+              s.runs.push_back({c, 1, pl.data, pl.stride_b, pl.stride_h, pl.stride_w, pl.hi});
+            }
+          }
+        }
+        if (vector && s.resample && s.planar) {
           for (const auto& t : s.cols) {
             s.col_i0.push_back(static_cast<int32_t>(t.i0));
             s.col_i1.push_back(static_cast<int32_t>(t.i1));
