@@ -36,6 +36,10 @@ Steps:
                  its stores) without the scattered reads of the windows
                  upstream: as in crop/2 (its work does not depend on idx).
                  CPU only (the GPU check has tight time limits)
+  crop/2 into,   crop/2 into with hid, pha and fgr as a channels-last base
+    channels-    network gives them: views of its one (B, 37, h, w)
+    last         channels-last output (src and bgr as before)
+                 upstream: as in crop/2, on the same inputs. CPU only
   compose        ours: compose(cat(pha, fgr), patches, idx, valid, (H, W))
                  upstream: interpolate(cat(pha, fgr)) to H x W, then the
                  scatter_nd replace (view/permute/index-assign)
@@ -65,6 +69,12 @@ overlap it, plus idx (P x 3 int64):
            has less to move, hence its lead in that row.)
 "Which pixels a bilinear resize reads" is found exactly, once per setting, as
 the non-zeros of the resize's adjoint applied to the mask of pixels wanted.
+The summary adds, for the crops on the CPU, the 64-byte cache lines their
+windows span, summed over the patches (a line that two patches read counts
+twice), plus the output and idx: what a kernel that cuts one patch at a
+time asks of the memory system when nothing stays cached between patches. Planar (NCHW) inputs
+span about twice the minimum bytes: a 5-pixel row of a coarse plane is 20
+bytes of a 64-byte line, a 16-pixel row of src straddles two lines.
 "faults" = minor page faults per call (CPU; see the last table).
 GB/s = bytes / median time; "of copy" compares a provider's GB/s with the
 device's copy bandwidth (a 512 MiB tensor .copy_'d into another: read + write
@@ -162,6 +172,62 @@ def pixels_read(in_size, mask):
     return int(x.grad.count_nonzero())
 
 
+def linear_taps(n_in, n_out):
+    """(i0, i1) per output index of a bilinear resize (align_corners=False)
+    from n_in to n_out, as the kernels compute them (identity if equal)."""
+    dst = torch.arange(n_out, dtype=torch.float64)
+    if n_in == n_out:
+        return dst.long(), dst.long()
+    x = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = x.floor().long().clamp(max=n_in - 1)
+    return i0, (i0 + 1).clamp(max=n_in - 1)
+
+
+def lines_spanned(inputs, idx, stride, padding, size, patch=None):
+    """Bytes of the 64-byte lines that the crop's windows span in inputs'
+    memory, summed over the patches (see the module's docstring): per input
+    row a window reads, the lines from its first to its last element, per
+    plane (stride along the width 1) or across a pixel's channels
+    (channels-last; views of one tensor's pixels together, as the kernel
+    reads them)."""
+    H, W = size
+    ph = pw = stride + 2 * padding if patch is None else patch
+    oy, ox = idx[:, 1] * stride - padding, idx[:, 2] * stride - padding
+    ylo, yhi = oy.clamp(0, H), (oy + ph).clamp(0, H)
+    xlo, xhi = ox.clamp(0, W), (ox + pw).clamp(0, W)
+    inside = (ylo < yhi) & (xlo < xhi)
+    b, ylo, yhi, xlo, xhi = (t[inside] for t in (idx[:, 0], ylo, yhi, xlo, xhi))
+    # Spans: [shape, strides, first element's address, elements per pixel].
+    spans = []
+    for t in inputs:
+        sb, sc, sh, sw = t.stride()
+        e = t.element_size()
+        if sw == 1:
+            spans += [[t.shape, t.stride(), t.data_ptr() + c * sc * e, 1] for c in range(t.shape[1])]
+            continue
+        lo, hi = t.data_ptr(), t.data_ptr() + ((t.shape[1] - 1) * sc + 1) * e
+        for sp in spans:
+            s_lo, s_hi = sp[2], sp[2] + sp[3] * e
+            if (sp[0][2:] == t.shape[2:] and sp[1][0] == sb and sp[1][2:] == (sh, sw)
+                    and max(s_hi, hi) - min(s_lo, lo) <= sw * e):
+                sp[2], sp[3] = min(s_lo, lo), (max(s_hi, hi) - min(s_lo, lo)) // e
+                break
+        else:
+            spans.append([t.shape, t.stride(), lo, (hi - lo) // e])
+    total = 0
+    e = inputs[0].element_size()
+    for shape, (sb, _, sh, sw), lo, extent in spans:
+        r0, r1 = linear_taps(shape[2], H)
+        q0, q1 = linear_taps(shape[3], W)
+        r_lo, r_hi, q_lo, q_hi = r0[ylo], r1[yhi - 1], q0[xlo], q1[xhi - 1]
+        for r in range(int((r_hi - r_lo).max()) + 1):
+            row = r_lo + r
+            first = lo + (b * sb + row * sh + q_lo * sw) * e
+            last = lo + (b * sb + row * sh + q_hi * sw + extent - 1) * e + e - 1
+            total += int(((last // 64 - first // 64 + 1) * (row <= r_hi)).sum()) * 64
+    return total
+
+
 def copy_bandwidth(device, dtype):
     """A function that returns the read + write GB/s of copying a 512 MiB
     tensor (well beyond any cache) into another, timed when it is called."""
@@ -220,7 +286,7 @@ def run(args, dev, dtype_name, repeat, warmup):
             x = torch.rand(B, 4, H, W, device=dev, dtype=dtype)
             half, full = (H // 2, W // 2), (H, W)
 
-            def up_crop_half():
+            def up_crop_half(hid=hid, pha=pha, fgr=fgr):
                 a = F.interpolate(torch.cat([hid, pha, fgr], 1), half, mode="bilinear", align_corners=False)
                 b = F.interpolate(torch.cat([src, bgr], 1), half, mode="bilinear", align_corners=False)
                 return torch.cat([upstream_crop(a, idx, 2, 3), upstream_crop(b, idx, 2, 3)], 1)
@@ -243,6 +309,9 @@ def run(args, dev, dtype_name, repeat, warmup):
                 one_bytes = (P * 42 * 8 * 8 + 36 * pixels_read((Hc, Wc), one_mask)
                              + 6 * pixels_read(full, one_mask)) * esize + idx_bytes
                 del one_mask
+            # hid, pha, fgr as a channels-last base network gives them.
+            base_out = torch.cat([pha, fgr, err, hid], 1).contiguous(memory_format=torch.channels_last)
+            cl_inputs = [base_out[:, 5:], base_out[:, 0:1], base_out[:, 1:4], src, bgr]
             crop1_bytes = (P * 6 * 8 * 8 + 6 * pixels_read(full, window_mask(idx, B, full, 4, 2, dev))) * esize \
                 + idx_bytes
             outside = 1.0 - window_mask(idx, B, full, 4, 0, dev)
@@ -276,7 +345,10 @@ def run(args, dev, dtype_name, repeat, warmup):
                 **({} if cuda else {"crop/2 into, one window": (one_bytes, {
                     "upstream": up_crop_half,
                     **each(lambda b: ops.run_crop_into(b, [hid, pha, fgr, src, bgr], idx_one, 2, 3, half, 0,
-                                                       half_out))})}),
+                                                       half_out))}),
+                    "crop/2 into, channels-last": (crop2_bytes, {
+                        "upstream": lambda: up_crop_half(*cl_inputs[:3]),
+                        **each(lambda b: ops.run_crop_into(b, cl_inputs, idx, 2, 3, half, 0, half_out))})}),
                 "crop/1 into": (crop1_bytes, {"upstream": lambda: upstream_crop(torch.cat([src, bgr], 1), idx, 4, 2),
                                               **each(lambda b: ops.run_crop_into(b, [src, bgr], idx, 4, 2, full, 0,
                                                                                  full_out))}),
@@ -292,6 +364,14 @@ def run(args, dev, dtype_name, repeat, warmup):
                                                   **each(lambda b: ops.run_replace(b, x, patches, idx, None))}),
             }
             results[name] = {"patches": P}
+            # Lines the crops' windows span (CPU: see the module's docstring).
+            # With the output and idx, as the byte counts above.
+            out2, out1 = P * 42 * 8 * 8 * esize + idx_bytes, P * 6 * 8 * 8 * esize + idx_bytes
+            lines = {} if cuda else {
+                "crop/2 into": lines_spanned([hid, pha, fgr, src, bgr], idx, 2, 3, half) + out2,
+                "crop/2 into, channels-last": lines_spanned(cl_inputs, idx, 2, 3, half) + out2,
+                "crop/1 into": lines_spanned([src, bgr], idx, 4, 2, full) + out1}
+            lines["crop/2"], lines["crop/1"] = lines.get("crop/2 into"), lines.get("crop/1 into")
             # The floor of every step that returns a new full-resolution
             # tensor (compose, replace, upstream's interpolate): a fresh
             # allocation written once, against writing an existing one.
@@ -349,9 +429,12 @@ def run(args, dev, dtype_name, repeat, warmup):
                     rows.append(row)
                     t[p]["speedup_vs_upstream"] = speedup
                 results[name][step] = {"timings": t, "bytes": nbytes, "GBps": gbs, "copy_GBps": step_copy}
+                if lines.get(step) is not None:
+                    results[name][step]["lines_bytes"] = lines[step]
                 if cuda:
                     results[name][step]["graph"] = graph
-            del src, bgr, pha, fgr, err, hid, x, patches, steps, cat_coarse, half_out, full_out, composed
+            del src, bgr, pha, fgr, err, hid, x, patches, steps, cat_coarse, half_out, full_out, composed, base_out, \
+                cl_inputs
             if cuda:
                 torch.cuda.empty_cache()
 
@@ -365,14 +448,24 @@ def run(args, dev, dtype_name, repeat, warmup):
     auto = pm._backend.resolve("auto", dev, dtype)
     shares = []
     for name in args.settings:
-        for step in ("crop/2", "crop/2 into", "crop/1", "crop/1 into", "compose", "compose into"):
-            gbs = (results[name][step]["GBps"] or {}).get(auto)
+        for step in ("crop/2", "crop/2 into", "crop/2 into, one window", "crop/2 into, channels-last", "crop/1",
+                     "crop/1 into", "compose", "compose into"):
+            if step not in results[name]:
+                continue
+            r = results[name][step]
+            gbs = (r["GBps"] or {}).get(auto)
             if gbs is not None:
-                faults = results[name][step]["timings"][auto]["page_faults_per_call"]
-                copy_step = results[name][step]["copy_GBps"]
-                shares.append(f"{name} {step}: {gbs:.1f} GB/s = {100 * gbs / copy_step:.0f}% of copy "
-                              f"({copy_step:.1f} GB/s beside it)"
-                              + ("" if faults is None else f", {faults:.0f} page faults / call"))
+                faults = r["timings"][auto]["page_faults_per_call"]
+                copy_step = r["copy_GBps"]
+                line = (f"{name} {step}: {gbs:.1f} GB/s = {100 * gbs / copy_step:.0f}% of copy "
+                        f"({copy_step:.1f} GB/s beside it)"
+                        + ("" if faults is None else f", {faults:.0f} page faults / call"))
+                if "lines_bytes" in r:
+                    lines_gbs = r["lines_bytes"] / r["timings"][auto]["median_ms"] / 1e6
+                    line += (f"\n    counting the lines the windows span: {r['lines_bytes'] / 1e6:.1f} MB "
+                             f"({r['lines_bytes'] / r['bytes']:.2f}x the minimum), {lines_gbs:.1f} GB/s "
+                             f"= {100 * lines_gbs / copy_step:.0f}% of copy")
+                shares.append(line)
     out(f"\nOurs ({auto}) against the copy bandwidth:\n  " + "\n  ".join(shares))
     out.table("Writing a full-resolution output (median ms): torch.empty_like(x).fill_(0) vs x.fill_(0)",
               ["setting", "shape", "MB", "new tensor ms", "page faults / call", "existing tensor ms"], frows)
