@@ -84,6 +84,10 @@ def cases():
     out.append(("cl full into", [cl(src), cl(bgr)], idx, 4, 2, (H, W), None, 3, 11))
     out.append(("cl x4 up", [cl(r(B, 11, H // 8 + 1, W // 8 + 1)), cl(src)], idx, 2, 3, (H // 2, W // 2), None,
                 0, 14))
+    # merge_cells' tiles of 4 x 4 cells: 14 x 14 patches (a block of 8 and
+    # the portable loops' 6 columns), stride 8.
+    out.append(("cl tiles", coarse + [src, bgr], idx_for(B, H // 16, W // 16, 20), 8, 3, (H // 2, W // 2), None, 0,
+                42))
     out.append(("cl mixed", [cl(r(B, 5, H // 4, W // 4)), r(B, 2, H // 4, W // 4), x37[:, 30:], src], idx, 2, 3,
                 (H // 2, W // 2), None, 0, 17))
     # Many patches with channels-last coarse inputs: streamed out.
