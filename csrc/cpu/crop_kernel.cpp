@@ -22,8 +22,7 @@ template <typename scalar_t>
 struct CropPlane {
   const scalar_t* data;
   int64_t stride_b, stride_h, stride_w;
-  // The memory of the plane's tensor, first element to one past the last.
-  const scalar_t* lo;
+  // One past the last element of the plane's tensor.
   const scalar_t* hi;
 };
 
@@ -497,14 +496,14 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
         }
         sources.push_back(std::move(s));
       }
-      const scalar_t* lo = t.data_ptr<scalar_t>();
+      const scalar_t* data = t.data_ptr<scalar_t>();
       int64_t last = 0;
       for (int64_t d = 0; d < t.dim(); ++d) {
         last += (t.size(d) - 1) * t.stride(d);
       }
       for (int64_t c = 0; c < t.size(1); ++c) {
         sources.back().planes.push_back(
-            {lo + c * t.stride(1), t.stride(0), t.stride(2), t.stride(3), lo, lo + last + 1});
+            {data + c * t.stride(1), t.stride(0), t.stride(2), t.stride(3), data + last + 1});
       }
     }
     for (auto& s : sources) {
