@@ -72,9 +72,10 @@ the non-zeros of the resize's adjoint applied to the mask of pixels wanted.
 The summary adds, for the crops on the CPU, the 64-byte cache lines their
 windows span, summed over the patches (a line that two patches read counts
 twice), plus the output and idx: what a kernel that cuts one patch at a
-time asks of the memory system when nothing stays cached between patches. Planar (NCHW) inputs
-span about twice the minimum bytes: a 5-pixel row of a coarse plane is 20
-bytes of a 64-byte line, a 16-pixel row of src straddles two lines.
+time asks of the memory system when nothing stays cached between patches.
+Planar (NCHW) inputs span about twice the minimum bytes: a 5-pixel row of a
+coarse plane is 20 bytes of a 64-byte line, a 16-pixel row of src straddles
+two lines.
 "faults" = minor page faults per call (CPU; see the last table).
 GB/s = bytes / median time; "of copy" compares a provider's GB/s with the
 device's copy bandwidth (a 512 MiB tensor .copy_'d into another: read + write
@@ -183,7 +184,7 @@ def linear_taps(n_in, n_out):
     return i0, (i0 + 1).clamp(max=n_in - 1)
 
 
-def lines_spanned(inputs, idx, stride, padding, size, patch=None):
+def lines_spanned(inputs, idx, stride, padding, size):
     """Bytes of the 64-byte lines that the crop's windows span in inputs'
     memory, summed over the patches (see the module's docstring): per input
     row a window reads, the lines from its first to its last element, per
@@ -191,7 +192,7 @@ def lines_spanned(inputs, idx, stride, padding, size, patch=None):
     (channels-last; views of one tensor's pixels together, as the kernel
     reads them)."""
     H, W = size
-    ph = pw = stride + 2 * padding if patch is None else patch
+    ph = pw = stride + 2 * padding
     oy, ox = idx[:, 1] * stride - padding, idx[:, 2] * stride - padding
     ylo, yhi = oy.clamp(0, H), (oy + ph).clamp(0, H)
     xlo, xhi = ox.clamp(0, W), (ox + pw).clamp(0, W)
@@ -309,9 +310,13 @@ def run(args, dev, dtype_name, repeat, warmup):
                 one_bytes = (P * 42 * 8 * 8 + 36 * pixels_read((Hc, Wc), one_mask)
                              + 6 * pixels_read(full, one_mask)) * esize + idx_bytes
                 del one_mask
-            # hid, pha, fgr as a channels-last base network gives them.
-            base_out = torch.cat([pha, fgr, err, hid], 1).contiguous(memory_format=torch.channels_last)
-            cl_inputs = [base_out[:, 5:], base_out[:, 0:1], base_out[:, 1:4], src, bgr]
+            # hid, pha, fgr as a channels-last base network gives them (CPU
+            # only, as the step that uses them).
+            cl_inputs = None
+            if not cuda:
+                base_out = torch.cat([pha, fgr, err, hid], 1).contiguous(memory_format=torch.channels_last)
+                cl_inputs = [base_out[:, 5:], base_out[:, 0:1], base_out[:, 1:4], src, bgr]
+                del base_out
             crop1_bytes = (P * 6 * 8 * 8 + 6 * pixels_read(full, window_mask(idx, B, full, 4, 2, dev))) * esize \
                 + idx_bytes
             outside = 1.0 - window_mask(idx, B, full, 4, 0, dev)
@@ -433,8 +438,7 @@ def run(args, dev, dtype_name, repeat, warmup):
                     results[name][step]["lines_bytes"] = lines[step]
                 if cuda:
                     results[name][step]["graph"] = graph
-            del src, bgr, pha, fgr, err, hid, x, patches, steps, cat_coarse, half_out, full_out, composed, base_out, \
-                cl_inputs
+            del src, bgr, pha, fgr, err, hid, x, patches, steps, cat_coarse, half_out, full_out, composed, cl_inputs
             if cuda:
                 torch.cuda.empty_cache()
 

@@ -39,6 +39,12 @@ struct ChannelRun {
   const scalar_t* hi;
 };
 
+// Whether two planes, runs or spans step through memory alike.
+template <typename A, typename B>
+inline bool same_strides(const A& a, const B& b) {
+  return a.stride_b == b.stride_b && a.stride_h == b.stride_h && a.stride_w == b.stride_w;
+}
+
 // Consecutive inputs of one size are one source: their channels are
 // gathered and blended together.
 template <typename scalar_t>
@@ -507,16 +513,14 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
       }
     }
     for (auto& s : sources) {
-      s.planar = true;
+      s.planar = std::all_of(s.planes.begin(), s.planes.end(), [](const auto& pl) { return pl.stride_w == 1; });
       for (const auto& pl : s.planes) {
-        s.planar = s.planar && pl.stride_w == 1;
         // Joins a span of the same strides whose pixel it lies in.
         bool joined = false;
         for (auto& sp : s.spans) {
           const scalar_t* lo = std::min(sp.lo, pl.data);
           const scalar_t* hi = std::max(sp.hi, pl.data + 1);
-          if (sp.stride_b == pl.stride_b && sp.stride_h == pl.stride_h && sp.stride_w == pl.stride_w &&
-              hi - lo <= std::max<int64_t>(pl.stride_w, 1)) {
+          if (same_strides(sp, pl) && hi - lo <= std::max<int64_t>(pl.stride_w, 1)) {
             sp.lo = lo;
             sp.hi = hi;
             joined = true;
@@ -541,8 +545,7 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
           for (int64_t c = 0; c < static_cast<int64_t>(s.planes.size()); ++c) {
             const auto& pl = s.planes[c];
             auto* last = s.runs.empty() ? nullptr : &s.runs.back();
-            if (last != nullptr && last->n < 8 && last->data + last->n == pl.data && last->stride_b == pl.stride_b &&
-                last->stride_h == pl.stride_h && last->stride_w == pl.stride_w) {
+            if (last != nullptr && last->n < 8 && last->data + last->n == pl.data && same_strides(*last, pl)) {
               ++last->n;
               last->hi = std::min(last->hi, pl.hi);
             } else {
