@@ -1,6 +1,15 @@
 """Shared test helpers."""
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
+
+
+def subprocess_env(**extra):
+    """This process's environment for a Python subprocess that imports what
+    this one does (its sys.path as PYTHONPATH), plus extra."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **extra)
 
 
 def random_bn_(module):

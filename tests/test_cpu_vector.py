@@ -18,6 +18,8 @@ import torch
 import pymatting_ext as pm
 from pymatting_ext import reference
 
+from helpers import subprocess_env
+
 pytestmark = [
     pytest.mark.skipif(not pm.extension_available(), reason="the C++ extension is not built"),
     pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT",
@@ -70,7 +72,7 @@ def cases():
     # Channels-last inputs (read a pixel's channels at a time): the coarse
     # inputs as a channels-last base network gives them (views of one
     # 37-channel output: hid's runs of 8 channels, pha and fgr one run of 4),
-    # src and bgr planar or channels-last (two runs of 3 in one group), the
+    # src and bgr planar or channels-last (a run of 3 channels each), the
     # full-resolution crop (no resampling), x4 up, and a source mixing
     # planar and channels-last planes.
     B, H, W = 2, 68, 124
@@ -157,8 +159,7 @@ def run_cases():
 
 def test_vector_paths_match_portable_loops_bitwise():
     here = run_cases()
-    env = dict(os.environ, PYMATTING_EXT_CPU_CAPABILITY="default",
-               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env = subprocess_env(PYMATTING_EXT_CPU_CAPABILITY="default")
     code = ("import pickle, sys, test_cpu_vector as t; "
             "sys.stdout.buffer.write(pickle.dumps({k: v.numpy() for k, v in t.run_cases().items()}))")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
@@ -189,7 +190,7 @@ def test_crop_vector_cases_match_reference():
 
 
 GUARD_PAGE_SCRIPT = r"""
-import ctypes, mmap, sys
+import ctypes, mmap
 import torch
 import pymatting_ext as pm
 from pymatting_ext import reference
@@ -229,7 +230,7 @@ def test_channels_last_crop_reads_nothing_past_its_inputs():
     # inside the input tensor: here a 3-channel channels-last input ends at
     # a page that cannot be read, with patches at its last pixels. A read
     # past it would kill the process.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    done = subprocess.run([sys.executable, "-c", GUARD_PAGE_SCRIPT], env=env, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", GUARD_PAGE_SCRIPT], env=subprocess_env(), capture_output=True,
+                          timeout=300)
     assert done.returncode == 0, (done.returncode, done.stderr.decode()[-2000:])
     assert done.stdout.decode().strip() == "ok"

@@ -6,7 +6,6 @@ synchronisation where none is allowed; a Refiner captured in a CUDA graph.
 
 Everything here skips without a GPU or without the CUDA half of the
 extension."""
-import os
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,8 @@ import pymatting_ext as pm
 from pymatting_ext import reference
 
 from conftest import DTYPES
-from helpers import assert_close, check_refiner_in_a_cuda_graph, cpu, layouts, random_bn_, refiner_inputs
+from helpers import (assert_close, check_refiner_in_a_cuda_graph, cpu, layouts, random_bn_, refiner_inputs,
+                     subprocess_env)
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -673,8 +673,8 @@ def test_out_of_range_idx_is_a_device_assertion_not_a_silent_write(op):
         else:
             print("NO ERROR")
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=300)
     assert "RAISED" in proc.stdout or proc.returncode != 0, (proc.stdout, proc.stderr)
     assert "NO ERROR" not in proc.stdout, (proc.stdout, proc.stderr)
 
