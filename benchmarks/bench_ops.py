@@ -30,9 +30,10 @@ Steps:
                  kernel's own speed, without the page faults of a fresh
                  output beyond malloc's mmap threshold (crop/2's 54 MB at HD)
                  upstream: as in crop/2 and crop/1 (it has no such form)
-  crop/2 into,   crop/2 into with every patch at the first one's cell: the
-    one window   inputs it reads then stay in cache, so this row is the
-                 kernel's own speed at writing its output (its computing and
+  crop/2 into,   crop/2 into with every patch at one cell (the first whose
+    one window   window lies wholly inside the image): the inputs it reads
+                 then stay in cache, so this row is the kernel's own speed
+                 at writing its output (its computing, its prefetches and
                  its stores) without the scattered reads of the windows
                  upstream: as in crop/2 (its work does not depend on idx).
                  CPU only (the GPU check has tight time limits)
@@ -303,9 +304,14 @@ def run(args, dev, dtype_name, repeat, warmup):
                            + 6 * pixels_read(full, half_mask)) * esize + idx_bytes
             del half_mask
             # Every patch at one cell: crop/2 into with its inputs in cache.
-            idx_one = idx[:1].expand(P, 3).contiguous()
-            one_bytes = None
+            # NB: a cell whose window lies wholly inside the image, so the
+            # patch is cut as an interior one is (the first cells selected
+            # are often at the top edge, where part of the patch is zeros).
+            idx_one = one_bytes = None
             if not cuda:
+                oy, ox = 2 * idx[:, 1] - 3, 2 * idx[:, 2] - 3
+                inside = (oy >= 0) & (ox >= 0) & (oy + 8 <= half[0]) & (ox + 8 <= half[1])
+                idx_one = idx[inside.nonzero()[0]].expand(P, 3).contiguous()
                 one_mask = window_mask(idx_one, B, half, 2, 3, dev)
                 one_bytes = (P * 42 * 8 * 8 + 36 * pixels_read((Hc, Wc), one_mask)
                              + 6 * pixels_read(full, one_mask)) * esize + idx_bytes
