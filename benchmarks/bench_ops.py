@@ -307,7 +307,9 @@ def run(args, dev, dtype_name, repeat, warmup):
             # NB: a cell whose window lies wholly inside the image, so the
             # patch is cut as an interior one is (the first cells selected
             # are often at the top edge, where part of the patch is zeros).
-            idx_one = one_bytes = None
+            # hid, pha, fgr as a channels-last base network gives them.
+            # Both only on the CPU, as the steps that use them.
+            idx_one = one_bytes = cl_inputs = None
             if not cuda:
                 oy, ox = 2 * idx[:, 1] - 3, 2 * idx[:, 2] - 3
                 inside = (oy >= 0) & (ox >= 0) & (oy + 8 <= half[0]) & (ox + 8 <= half[1])
@@ -316,10 +318,6 @@ def run(args, dev, dtype_name, repeat, warmup):
                 one_bytes = (P * 42 * 8 * 8 + 36 * pixels_read((Hc, Wc), one_mask)
                              + 6 * pixels_read(full, one_mask)) * esize + idx_bytes
                 del one_mask
-            # hid, pha, fgr as a channels-last base network gives them (CPU
-            # only, as the step that uses them).
-            cl_inputs = None
-            if not cuda:
                 base_out = torch.cat([pha, fgr, err, hid], 1).contiguous(memory_format=torch.channels_last)
                 cl_inputs = [base_out[:, 5:], base_out[:, 0:1], base_out[:, 1:4], src, bgr]
                 del base_out
