@@ -16,6 +16,20 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 #: Devices every parametrised test runs on; CUDA only where a GPU is present.
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
+
+def heavy_on_gpu(cases):
+    """`cases` (devices, or (device, backend) pairs) with the GPU ones marked
+    gpu_extra: heavy tests (Inductor compiles) whose GPU cases the GPU check
+    runs last, in its optional part."""
+    marked = []
+    for case in cases:
+        case = case if hasattr(case, "marks") else pytest.param(case)
+        if "cuda" in case.values:
+            case = pytest.param(*case.values, marks=[*case.marks, pytest.mark.gpu_extra], id=case.id)
+        marked.append(case)
+    return marked
+
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 

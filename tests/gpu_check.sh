@@ -1,74 +1,197 @@
 #!/usr/bin/env bash
-# The GPU check: everything a GPU must prove about this package, in one run
-# on a bare GPU machine without network (torch, Triton, nvcc, pytest-xdist and
-# compute-sanitizer installed there; upstream's wheel carried in .whl/, with
-# Pillow's and tqdm's for the GPU test of convert_video, fetched beforehand by
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux_2_28_x86_64 \
-#       --platform manylinux_2_17_x86_64 -d .whl backgroundmattingv2==1.0 pillow tqdm
-# ):
+# The GPU check: everything a GPU must prove about this package, split into
+# commands that each fit one call of the GPU machine (600 s at most; each
+# command here has a deadline of 540 s in all):
 #
-#   OUT=/some/folder bash tests/gpu_check.sh [PHASE ...]
+#   OUT=$OUT bash tests/gpu_check.sh part1    # env deps build fused warmup tests
+#   OUT=$OUT bash tests/gpu_check.sh part2    # deps build sanitize ddp bench
+#   OUT=$OUT bash tests/gpu_check.sh part3    # deps build extra (optional)
+#   OUT=$OUT bash tests/gpu_check.sh PHASE ...   # any phases, in the order given
 #
-# Phases, in order (default: all):
-#   env       the machine: GPU, driver, versions
-#   deps      upstream's package (and Pillow, tqdm) from the wheels in .whl/
-#             (pip --no-index)
-#   build     this checkout, for the GPU found only (its compute capability),
-#             installed into a folder of its own (put first on PYTHONPATH)
-#   tests     the GPU tests in parallel (pytest -n): test_gpu.py, test_cuda.py
-#             and every CUDA case of the other files; compute-sanitizer
-#             (sanitize_cases.py: memcheck on every op, racecheck, synccheck
-#             and initcheck on the selects) runs beside them
-#   bench     benchmarks/run_device.sh: refiner and ops, fp32 and fp16, eager
-#             and CUDA graph, then the verdict on the targets
-# Every phase runs even if an earlier one failed, under its own time limit,
-# and prints its verdict and duration. Logs, JSON and the summary go to one
-# work folder, packed into $OUT as gpu_check.tar.gz beside summary.txt and
-# verdict.txt (few files: the device tool brings back at most eight).
-# Without a GPU (a rehearsal) the build leaves CUDA out, the GPU tests skip,
-# the sanitizer harness runs on the CPU kernels without a sanitizer, and the
-# benchmarks run on the CPU (set BENCH_ARGS="--quick --settings HD" there).
-# Time limits (seconds): LIMIT_BUILD (240), LIMIT_TESTS (240), LIMIT_SANITIZE
-# (240, beside the tests), LIMIT_BENCH (190; REFINER_TIMEOUT 95,
-# OPS_TIMEOUT 65 and, in what is left, MEMORY_TIMEOUT 45 inside it): at most about 11 minutes, about 7 expected on an
-# H100, so that a second, shorter run (say `bash tests/gpu_check.sh build
-# tests`) fits in the same quarter hour.
+# The commands share a fixed work folder (build/gpu_check, git-ignored, so it
+# stays on a warm machine between calls): the second command's build phase
+# reuses the first one's extension through setup.py's hash (about 20 s), and
+# Triton's compiled kernels through a cache folder inside it.
+#
+# What must be carried to the GPU machine beforehand: only upstream's package,
+# the one thing its image lacks (it has torch, torchvision, Triton, nvcc,
+# pytest, pytest-xdist, pytest-timeout, Pillow, tqdm, numpy, onnxruntime and
+# compute-sanitizer). Fetch its wheel here once (pure Python):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl backgroundmattingv2==1.0
+# and name `.whl` in the call's carry. Without it the deps phase fails
+# loudly, and so does every test phase (no module silently skipped).
+#
+# Phases (limit in seconds, the most a phase may take; LIMIT_<PHASE>
+# overrides one):
+#   env      15   the machine: GPU, driver, versions
+#   deps     25   upstream's package from .whl/ (pip --no-index), checked
+#   build   180   this checkout for the GPU found (its compute capability
+#                 only), into the work folder; reused when the sources match
+#   fused   120   tests/test_fused.py in one process, first: the fused
+#                 kernel's cases (bf16, duplicate cells, odd sizes, ...)
+#   warmup   45   the other Triton kernels compiled in one process, for
+#                 fp32, fp16 and bf16, before xdist starts
+#   tests   150   the GPU tests in parallel (pytest -n): test_gpu.py,
+#                 test_cuda.py and every CUDA case of the other files,
+#                 without the heavy ones (marker gpu_extra)
+#   sanitize 90   compute-sanitizer (sanitize_cases.py: memcheck on every op,
+#                 racecheck, synccheck and initcheck on the selects), after
+#                 the tests, the sanitizers side by side
+#   ddp      60   tests/test_ddp.py: NCCL, SyncBatchNorm, DDP, GradScaler
+#   bench   180   benchmarks/run_device.sh (refiner, ops, the fused kernel's
+#                 tiling sweep, peak memory), then the verdict on the targets
+#   extra   240   the heavy GPU cases (marker gpu_extra): the Inductor
+#                 fullgraph compiles, the 4K batch-4 comparisons
+# part1 adds up to 535 s, part2 to 535 s, part3 to 445 s. Besides, no phase
+# may run past the command's deadline (GPU_CHECK_DEADLINE, 540 s after the
+# start): a phase gets what is left, one with nothing left is skipped.
+#
+# What comes back, in $OUT, rewritten after every phase and every 20 s while
+# one runs (so that a command killed at any moment still brings back what it
+# finished): summary.txt (each phase's verdict, duration and test counts, and
+# the phase running now), tails.txt (the end of each phase's log),
+# gpu_check.tar.gz (every log, the JUnit files, the benchmark JSON) and
+# verdict.txt (the benchmarks' verdict). Four files: the device tool brings
+# back at most eight.
+#
+# Without a GPU (a rehearsal, with the same limits and deadline) the build
+# uses this machine's default settings (so it reuses what tests/run.sh
+# installed), the GPU tests skip, the sanitizer harness runs on the CPU
+# kernels without a sanitizer, the fused cases run through Triton's
+# interpreter, and the benchmarks run on the CPU (BENCH_ARGS="--quick
+# --settings HD" there).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-$ROOT/gpu_check_out}
+OUT=${OUT:-$ROOT/build/gpu_check_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+WORK=${GPU_CHECK_WORK:-$ROOT/build/gpu_check}
 LOGS=$WORK/logs
-mkdir -p "$LOGS" "$WORK/site" "$WORK/pkg"
+mkdir -p "$LOGS" "$WORK/site" "$WORK/pkg" "$WORK/bench"
+WORK=$(cd "$WORK" && pwd)
 PY=${PYTHON:-python3}
-PHASES=${*:-env deps build tests bench}
-SUMMARY=$LOGS/summary.txt
-# The build and upstream's wheel are found first, ahead of anything installed.
+DEADLINE=${GPU_CHECK_DEADLINE:-540}
+START=$SECONDS
+
+# Named parts: the documented sequence of commands.
+declare -A PARTS=(
+    [part1]="env deps build fused warmup tests"
+    [part2]="deps build sanitize ddp bench"
+    [part3]="deps build extra"
+)
+declare -A LIMITS=(
+    [env]=15 [deps]=25 [build]=180 [fused]=120 [warmup]=45 [tests]=150
+    [sanitize]=90 [ddp]=60 [bench]=180 [extra]=240
+)
+PHASES=()
+for arg in ${*:-part1}; do
+    if [ -n "${PARTS[$arg]:-}" ]; then
+        # shellcheck disable=SC2206  # a part is a list of phase names
+        PHASES+=(${PARTS[$arg]})
+    else
+        PHASES+=("$arg")
+    fi
+done
+
+# The build and upstream's wheel are found first, ahead of anything installed;
+# Triton's compiled kernels are kept in the work folder for the next command.
 export PYTHONPATH=$WORK/pkg:$WORK/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
-START=$SECONDS
+export TRITON_CACHE_DIR=$WORK/triton_cache
 
 GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 NPROC=$(nproc 2>/dev/null || echo 2)
 WORKERS=$(( NPROC / 2 > 8 ? 8 : (NPROC / 2 < 1 ? 1 : NPROC / 2) ))
-echo "gpu_check: GPU=$GPU, $NPROC cores, phases: $PHASES, work folder $WORK" | tee "$SUMMARY"
+# The summary keeps every command's lines; RAN, this command's phases (for
+# tails.txt: a file, so that the background copy sees them too).
+SUMMARY=$LOGS/summary.txt
+STATUS=$LOGS/status.txt
+RAN=$LOGS/ran.txt
+: > "$RAN"
+printf '\n# %s: gpu_check %s (GPU=%s, %s cores, deadline %s s)\n' "$(date -u +%FT%TZ)" \
+    "${PHASES[*]}" "$GPU" "$NPROC" "$DEADLINE" >> "$SUMMARY"
+: > "$STATUS"
 
-# run_phase NAME LIMIT COMMAND...: the command's output to $LOGS/NAME.log, a
-# verdict line to the summary, the log's tail to the console.
+# put SRC NAME: SRC into $OUT/NAME by a rename, so that a command killed while
+# copying leaves the previous version, not half a file.
+put() {
+    cp "$1" "$OUT/.$2.part" 2> /dev/null && mv -f "$OUT/.$2.part" "$OUT/$2"
+}
+
+# publish: the summary, the logs' tails, the logs and the verdict into $OUT
+# (temporary files named by the process, as the background copy may run at
+# the same moment as the main one).
+publish() {
+    local name tmp=$WORK/out.$BASHPID
+    mkdir -p "$tmp"
+    cat "$SUMMARY" "$STATUS" > "$tmp/summary.txt" 2> /dev/null
+    put "$tmp/summary.txt" summary.txt
+    while read -r name; do
+        echo "=== $name ==="
+        tail -n 40 "$LOGS/$name.log" 2> /dev/null
+    done < "$RAN" > "$tmp/tails.txt"
+    put "$tmp/tails.txt" tails.txt
+    # NB: tar exits 1 when a log grows while it reads it; the archive is whole.
+    tar -czf "$tmp/logs.tar.gz" -C "$WORK" logs bench 2> /dev/null
+    [ $? -le 1 ] && put "$tmp/logs.tar.gz" gpu_check.tar.gz
+    [ -f "$WORK/bench/verdict.txt" ] && put "$WORK/bench/verdict.txt" verdict.txt
+    rm -rf "$tmp"
+    return 0
+}
+
+# A background copy every 20 s, so that a command cut off in the middle of a
+# phase still brings back that phase's log up to then.
+( while sleep 20; do publish; done ) &
+TICKER=$!
+trap 'kill "$TICKER" 2> /dev/null' EXIT
+
+# test_counts JUNIT: "N passed, N failed, N errors, N skipped" from a JUnit file.
+test_counts() {
+    [ -f "$1" ] || return 0
+    "$PY" - "$1" <<'EOF' 2> /dev/null
+import sys
+import xml.etree.ElementTree as ET
+n = dict(tests=0, failures=0, errors=0, skipped=0)
+for suite in ET.parse(sys.argv[1]).getroot().iter("testsuite"):
+    for key in n:
+        n[key] += int(suite.get(key, 0))
+passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+print(f"{passed} passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped")
+EOF
+}
+
+# run_phase NAME COMMAND...: the command's output to $LOGS/NAME.log under
+# the phase's limit (cut to what is left before the deadline), a verdict line
+# to the summary, the log's tail to the console, everything to $OUT.
 run_phase() {
-    local name=$1 limit=$2 t0=$SECONDS rc verdict
-    shift 2
-    timeout -k 10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    local name=$1 limit=${LIMITS[$1]:-60} t0=$SECONDS rc verdict left counts
+    shift
+    limit=$(eval echo "\${LIMIT_${name^^}:-$limit}")
+    left=$(( DEADLINE - (SECONDS - START) - 10 ))
+    echo "$name" >> "$RAN"
+    if [ "$left" -lt 5 ]; then
+        printf '%-9s %-30s %5d s  (no time left before the %s s deadline)\n' "$name" "SKIPPED" 0 "$DEADLINE" \
+            >> "$SUMMARY"
+        echo "skipped: no time left before the deadline" > "$LOGS/$name.log"
+        publish
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+    printf '%-9s %-30s since %d s (limit %d s)\n' "$name" "RUNNING" $((SECONDS - START)) "$limit" > "$STATUS"
+    publish
+    timeout -k 5 "$limit" "$@" > "$LOGS/$name.log" 2>&1
     rc=$?
     case $rc in
         0) verdict=PASS ;;
         124 | 137) verdict="TIMEOUT (${limit} s)" ;;
         *) verdict="FAIL (exit $rc)" ;;
     esac
-    printf '%-10s %-22s %5d s\n' "$name" "$verdict" $((SECONDS - t0)) >> "$SUMMARY"
-    echo "--- $name: $verdict, $((SECONDS - t0)) s; log tail:"
+    counts=$(test_counts "$LOGS/$name.xml")
+    printf '%-9s %-30s %5d s%s\n' "$name" "$verdict" $((SECONDS - t0)) "${counts:+  ($counts)}" >> "$SUMMARY"
+    : > "$STATUS"
+    publish
+    echo "--- $name: $verdict, $((SECONDS - t0)) s${counts:+, $counts}; log tail:"
     tail -n 12 "$LOGS/$name.log" | sed 's/^/    /'
 }
 
@@ -77,17 +200,19 @@ phase_env() {
     "$PY" - <<'EOF'
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
-try:
-    import triton
-    print("triton", triton.__version__)
-except ImportError:
-    print("triton: not installed")
+for name in ("triton", "torchvision", "xdist", "pytest_timeout", "onnxruntime"):
+    try:
+        module = __import__(name)
+        print(name, getattr(module, "__version__", "(no version)"))
+    except ImportError:
+        print(name + ": not installed")
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", f"{p.total_memory / 2**30:.0f} GiB")
 EOF
     command -v nvcc && nvcc --version | tail -n 2
     sanitizer || true
+    df -h "$WORK" | tail -n 1
 }
 
 sanitizer() {
@@ -99,25 +224,41 @@ sanitizer() {
     return 1
 }
 
+# Every phase that compares with upstream fails, rather than skips, without it.
+require_upstream() {
+    "$PY" -c "import BackgroundMattingV2" 2> /dev/null && return 0
+    echo "ERROR: upstream's package (backgroundmattingv2==1.0) cannot be imported: its tests would all skip." \
+         "Carry its wheel in .whl/ (see the header of tests/gpu_check.sh) and run the deps phase."
+    return 1
+}
+
 phase_deps() {
     if ls "$ROOT"/.whl/*.whl > /dev/null 2>&1; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target "$WORK/site" "$ROOT"/.whl/*.whl || return 1
+    else
+        echo "no wheels in $ROOT/.whl"
     fi
-    "$PY" -c "import BackgroundMattingV2, torchvision; print('upstream:', BackgroundMattingV2.__file__)"
+    require_upstream || return 1
+    "$PY" -c "import BackgroundMattingV2, torchvision, pytest; print('upstream:', BackgroundMattingV2.__file__)"
 }
 
 phase_build() {
-    local cuda=0 arch=""
+    local settings=()
     if [ "$GPU" = 1 ]; then
-        cuda=1
-        arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+        settings=(PYMATTING_EXT_CUDA=1
+                  TORCH_CUDA_ARCH_LIST="$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")")
     fi
-    echo "building with PYMATTING_EXT_CUDA=$cuda TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$NPROC"
-    PYMATTING_EXT_CUDA=$cuda TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$NPROC \
-        "$PY" -m pip install --no-index --no-deps --no-build-isolation --no-cache-dir -v \
-        --target "$WORK/pkg" "$ROOT" || return 1
-    (cd / && "$PY" - "$cuda" <<'EOF'
+    echo "building with ${settings[*]:-the default settings} MAX_JOBS=$NPROC"
+    # NB: into a new folder, then swapped in: the build in $WORK/pkg stays on
+    # PYTHONPATH meanwhile, which is what setup.py reuses when its hash matches.
+    rm -rf "$WORK/pkg.new"
+    env "${settings[@]}" MAX_JOBS="$NPROC" "$PY" -m pip install --no-index --no-deps --no-build-isolation \
+        --no-cache-dir -v --target "$WORK/pkg.new" "$ROOT" > "$LOGS/build_pip.log" 2>&1 \
+        || { tail -n 40 "$LOGS/build_pip.log"; return 1; }
+    grep -m1 -o 'pymatting_ext extension: .*' "$LOGS/build_pip.log"
+    rm -rf "$WORK/pkg" && mv "$WORK/pkg.new" "$WORK/pkg" || return 1
+    (cd / && "$PY" - "$GPU" <<'EOF'
 import os, sys
 import pymatting_ext
 info = pymatting_ext.build_info()
@@ -130,16 +271,42 @@ EOF
     )
 }
 
-phase_tests() {
+# pytest_phase NAME ARGS...: pytest in tests/, a line per finished test (so
+# that a phase cut off still says what passed and failed), skip reasons at
+# the end, JUnit to $LOGS/NAME.xml.
+pytest_phase() {
+    local name=$1 timeout_arg=()
+    shift
     cd "$ROOT/tests" || return 1
-    local timeout_arg=()
-    "$PY" -c "import pytest_timeout" 2> /dev/null && timeout_arg=(--timeout 150)
+    require_upstream || return 1
+    "$PY" -c "import pytest_timeout" 2> /dev/null && timeout_arg=(--timeout 120)
+    "$PY" -m pytest -v -p no:cacheprovider "${timeout_arg[@]}" -rfEs --junitxml="$LOGS/$name.xml" "$@"
+}
+
+phase_fused() {
+    pytest_phase fused test_fused.py
+}
+
+phase_warmup() {
+    "$PY" - <<'EOF'
+import time
+import torch
+from pymatting_ext import triton_kernels
+device = "cuda" if torch.cuda.is_available() else "cpu"
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    t0 = time.perf_counter()
+    counts = triton_kernels.warmup(device, dtype)
+    print(f"{dtype}: {time.perf_counter() - t0:.1f} s, compiled variants {counts or '(interpreter: none)'}")
+EOF
+}
+
+phase_tests() {
     # The GPU cases: everything in test_gpu.py and test_cuda.py, and every
-    # case of the other files whose name says cuda (their device parameter).
-    # -v: a line per finished test, so that a run stopped at its time limit
-    # still says what passed and failed.
-    "$PY" -m pytest -v -p no:cacheprovider -n "$WORKERS" "${timeout_arg[@]}" -rfE \
-        --junitxml="$LOGS/junit.xml" -k "cuda or test_gpu" .
+    # case of the other files whose name says cuda (their device parameter);
+    # not the fused file (run first, alone), the DDP file (its own phase), the
+    # host harness (CPU only) or the heavy cases (part3).
+    pytest_phase tests -n "$WORKERS" -k "cuda or test_gpu" -m "not gpu_extra and not cuda_host" \
+        --ignore=test_fused.py --ignore=test_ddp.py .
 }
 
 phase_sanitize() {
@@ -178,42 +345,43 @@ phase_sanitize() {
     return $failed
 }
 
-phase_bench() {
-    # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-    bash "$ROOT/benchmarks/run_device.sh" "$WORK/bench" ${BENCH_ARGS:-}
+phase_ddp() {
+    pytest_phase ddp test_ddp.py
 }
 
-export -f phase_env phase_deps phase_build phase_tests phase_sanitize phase_bench sanitizer
+phase_bench() {
+    # The scripts' own limits, inside the phase's: each one that hangs leaves
+    # the others their time.
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+    REFINER_TIMEOUT=${REFINER_TIMEOUT:-70} OPS_TIMEOUT=${OPS_TIMEOUT:-45} TILING_TIMEOUT=${TILING_TIMEOUT:-25} \
+        MEMORY_TIMEOUT=${MEMORY_TIMEOUT:-25} bash "$ROOT/benchmarks/run_device.sh" "$WORK/bench" ${BENCH_ARGS:-}
+}
+
+phase_extra() {
+    pytest_phase extra -n "$WORKERS" -m gpu_extra .
+}
+
+export -f phase_env phase_deps phase_build phase_fused phase_warmup phase_tests phase_sanitize phase_ddp \
+    phase_bench phase_extra sanitizer require_upstream pytest_phase
 export ROOT WORK LOGS PY GPU NPROC WORKERS
 
-for phase in $PHASES; do
-    case $phase in
-        env) run_phase env 60 bash -c phase_env ;;
-        deps) run_phase deps 120 bash -c phase_deps ;;
-        build) run_phase build "${LIMIT_BUILD:-240}" bash -c phase_build ;;
-        tests)
-            # The sanitizers beside the tests: neither is timed.
-            run_phase sanitize "${LIMIT_SANITIZE:-240}" bash -c phase_sanitize &
-            san=$!
-            run_phase tests "${LIMIT_TESTS:-240}" bash -c phase_tests
-            wait "$san"
-            ;;
-        sanitize) run_phase sanitize "${LIMIT_SANITIZE:-240}" bash -c phase_sanitize ;;
-        bench) REFINER_TIMEOUT=${REFINER_TIMEOUT:-95} OPS_TIMEOUT=${OPS_TIMEOUT:-65} MEMORY_TIMEOUT=${MEMORY_TIMEOUT:-45} \
-                   run_phase bench "${LIMIT_BENCH:-190}" bash -c phase_bench ;;
-        *) echo "unknown phase $phase" | tee -a "$SUMMARY" ;;
-    esac
+echo "gpu_check: GPU=$GPU, $NPROC cores, phases: ${PHASES[*]}, work folder $WORK, deadline $DEADLINE s"
+for phase in "${PHASES[@]}"; do
+    if [ -z "${LIMITS[$phase]:-}" ]; then
+        echo "unknown phase $phase" | tee -a "$SUMMARY"
+        continue
+    fi
+    run_phase "$phase" bash -c "phase_$phase"
 done
 
-printf '%-10s %-22s %5d s\n' "all" "" $((SECONDS - START)) >> "$SUMMARY"
-cp "$SUMMARY" "$OUT/summary.txt"
-[ -f "$WORK/bench/verdict.txt" ] && cp "$WORK/bench/verdict.txt" "$OUT/verdict.txt"
-tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" logs $( [ -d "$WORK/bench" ] && echo bench )
+printf '%-9s %-30s %5d s\n' "all" "" $((SECONDS - START)) >> "$SUMMARY"
+publish
 echo
-echo "=== failures (tests) ==="
-grep -E "^(FAILED|ERROR) " "$LOGS/tests.log" 2> /dev/null | head -n 40
-grep -cE "(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)( |$)" "$LOGS/tests.log" 2> /dev/null | sed 's/^/test results logged: /'
+echo "=== failures ==="
+while read -r phase; do
+    grep -E "^(FAILED|ERROR) " "$LOGS/$phase.log" 2> /dev/null | head -n 20 | sed "s/^/$phase: /"
+done < "$RAN"
 echo "=== verdict ==="
-[ -f "$OUT/verdict.txt" ] && grep -vE "NOT MEASURED|^$" "$OUT/verdict.txt" | tail -n 40
+[ -f "$OUT/verdict.txt" ] && grep -vE "NOT MEASURED|^$" "$OUT/verdict.txt" | tail -n 30
 echo "=== summary ==="
 cat "$OUT/summary.txt"

@@ -11,7 +11,7 @@ import torch
 
 import pymatting_ext as pm
 
-from conftest import DEVICES, needs_cuda
+from conftest import DEVICES, heavy_on_gpu, needs_cuda
 from helpers import random_bn_, refiner_inputs
 
 upstream_model = pytest.importorskip("BackgroundMattingV2.model")
@@ -77,7 +77,7 @@ def test_scripted_matting_refine_matches_eager_and_upstream(device, mode, tmp_pa
 
 # -- torch.compile -------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", heavy_on_gpu(DEVICES))
 @pytest.mark.parametrize("mode", MODES)
 def test_matting_refine_compiles_fullgraph(device, mode):
     torch._dynamo.reset()

@@ -66,8 +66,10 @@ def models(mode, sample_pixels, kernel_size, prevent, backend, dtype, threshold=
 # -- the Refiner against upstream at the real sizes ---------------------------
 
 @pytest.mark.parametrize("backend", REFINER_BACKENDS)
-@pytest.mark.parametrize("setting", [HD, UHD], ids=["HD", "4K"])
-@pytest.mark.parametrize("B", [1, 4])
+# NB: 4K with batch 4 is the heaviest case; the GPU check runs it last.
+@pytest.mark.parametrize("setting,B", [(HD, 1), (HD, 4), (UHD, 1),
+                                       pytest.param(UHD, 4, marks=pytest.mark.gpu_extra)],
+                         ids=["HD-1", "HD-4", "4K-1", "4K-4"])
 @pytest.mark.parametrize("kernel_size", [3, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_refiner_matches_upstream_at_real_sizes(backend, setting, B, kernel_size, dtype):

@@ -8,7 +8,7 @@ import torch
 import pymatting_ext as pm
 from pymatting_ext import _backend, _extension, reference
 
-from conftest import BACKEND_CASES, needs_cuda
+from conftest import BACKEND_CASES, heavy_on_gpu, needs_cuda
 from helpers import check_outputs, check_refiner_in_a_cuda_graph, random_bn_, refiner_inputs
 
 TRITON_CASES = [c for c in BACKEND_CASES if c.values[1] == "triton"]
@@ -165,7 +165,7 @@ def test_unavailable_backends_say_why(monkeypatch):
             _backend.resolve("cuda", torch.device("cuda"))
 
 
-@pytest.mark.parametrize("device,backend", TRITON_CASES)
+@pytest.mark.parametrize("device,backend", heavy_on_gpu(TRITON_CASES))
 @pytest.mark.parametrize("mode", ["sampling", "full"])
 def test_refiner_triton_compiles_fullgraph(device, backend, mode):
     # On a GPU torch.compile traces into the kernels' launches (triton_op);
