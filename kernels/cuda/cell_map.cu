@@ -53,9 +53,8 @@ at::Tensor cell_map(const char* op, const at::Tensor& idx_c, const c10::optional
     valid_c = valid->contiguous();
     v = valid_c.data_ptr<bool>();
   }
-  cell_map_kernel<<<blocks_for(P), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      map.data_ptr<int32_t>(), idx_c.data_ptr<int64_t>(), v, P, B, HC, WC);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel<cell_map_kernel>(static_cast<unsigned>(blocks_for(P)), kThreads, 0, current_stream(),
+                                 map.data_ptr<int32_t>(), idx_c.data_ptr<int64_t>(), v, P, B, HC, WC);
   return map;
 }
 

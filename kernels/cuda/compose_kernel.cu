@@ -178,7 +178,7 @@ void compose_impl(const char* op, const at::Tensor& coarse, const at::Tensor& pa
   const int64_t B = coarse.size(0), C = coarse.size(1), HCo = coarse.size(2), WCo = coarse.size(3);
   const int64_t H = out.size(2), W = out.size(3);
   const int64_t s = patches.size(3);
-  const at::cuda::OptionalCUDAGuard guard(coarse.device());
+  const DeviceGuard guard(coarse.device());
 
   const at::Tensor idx_c = idx.contiguous();
   const int64_t HB = H / s, WB = W / s;
@@ -186,7 +186,7 @@ void compose_impl(const char* op, const at::Tensor& coarse, const at::Tensor& pa
   if (out.numel() == 0) {
     return;
   }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, coarse.scalar_type(), "compose_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     // Four elements a thread where the rows allow it (out is contiguous;
@@ -229,9 +229,9 @@ void compose_impl(const char* op, const at::Tensor& coarse, const at::Tensor& pa
     auto launch = [&](auto s_tag, auto vec_tag) {
       constexpr int kS = decltype(s_tag)::value ? 4 : 0;
       constexpr int kVec = decltype(vec_tag)::value ? kVecMax : 1;
-      compose_kernel<scalar_t, kS, kVec><<<grid, block, 0, stream>>>(
-          cp, cs, pp, ps, sp, ss, src_vec, mp, optr, B * C, C, cdiv, H, W, sdiv, HCo, WCo, HB, WB, sh,
-          sw);
+      launch_kernel<compose_kernel<scalar_t, kS, kVec>>(grid, block, 0, stream, cp, cs, pp, ps, sp, ss,
+                                                        src_vec, mp, optr, B * C, C, cdiv, H, W, sdiv,
+                                                        HCo, WCo, HB, WB, sh, sw);
     };
     // NB: the refiner's s = 4 gets its own kernel, with the cell arithmetic
     // as shifts; W % 4 == 0 then, so its rows take vectors unless
@@ -243,7 +243,6 @@ void compose_impl(const char* op, const at::Tensor& coarse, const at::Tensor& pa
     } else {
       launch(std::false_type{}, std::false_type{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -251,7 +250,7 @@ at::Tensor compose_cuda(const at::Tensor& coarse, const at::Tensor& patches, con
                         const c10::optional<at::Tensor>& valid, at::IntArrayRef size,
                         const c10::optional<at::Tensor>& src) {
   const char* op = "compose";
-  check_compose_args(op, coarse, patches, idx, valid, size, src, at::kCUDA);
+  check_compose_args(op, coarse, patches, idx, valid, size, src, kKernelDevice);
   at::Tensor out = at::empty({coarse.size(0), coarse.size(1), size[0], size[1]}, coarse.options());
   compose_impl(op, coarse, patches, idx, valid, src, out);
   return out;
@@ -261,13 +260,13 @@ void compose_into_cuda(const at::Tensor& coarse, const at::Tensor& patches, cons
                        const c10::optional<at::Tensor>& valid, const c10::optional<at::Tensor>& src,
                        const at::Tensor& out) {
   const char* op = "compose_into";
-  check_compose_into_args(op, coarse, patches, idx, valid, src, out, at::kCUDA);
+  check_compose_into_args(op, coarse, patches, idx, valid, src, out, kKernelDevice);
   compose_impl(op, coarse, patches, idx, valid, src, out);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pymatting_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(pymatting_ext, PYMATTING_EXT_KERNEL_KEY, m) {
   m.impl("compose", &compose_cuda);
   m.impl("compose_into", &compose_into_cuda);
 }

@@ -102,8 +102,7 @@ __global__ void __launch_bounds__(kMaxTile)
                 scalar_t* __restrict__ out, const CropShape sh) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr int kV = 16 / sizeof(scalar_t);  // elements per 16 bytes
-  extern __shared__ __align__(16) unsigned char tile_raw[];
-  scalar_t* tile = reinterpret_cast<scalar_t*>(tile_raw);
+  scalar_t* tile = dynamic_shared<scalar_t>();
 
   const int T = blockDim.x;
   const int cg = sh.cg;
@@ -233,7 +232,7 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
     return;
   }
   const int64_t pixels = P * PH * PW;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "crop_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     constexpr int64_t sz = sizeof(scalar_t);
@@ -276,8 +275,8 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
       s.cg = static_cast<int32_t>(cg);
       s.run_bytes = run_bytes;
       const size_t smem = static_cast<size_t>((T * cg + 16 / sz) * sz);
-      crop_kernel<scalar_t><<<static_cast<unsigned>(blocks), T, smem, stream>>>(args, idx_p, out_p, s);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel<crop_kernel<scalar_t>>(static_cast<unsigned>(blocks), T, smem, stream, args, idx_p,
+                                           out_p, s);
     };
 
     CropArgs<scalar_t> args{};
@@ -330,8 +329,8 @@ void crop_into_impl(const char* op, at::TensorList inputs, const at::Tensor& idx
 at::Tensor crop_cuda(at::TensorList inputs, const at::Tensor& idx, int64_t stride,
                      int64_t padding, at::IntArrayRef image_size, at::IntArrayRef patch_size) {
   const char* op = "crop";
-  check_crop_args(op, inputs, idx, stride, padding, image_size, patch_size, at::kCUDA);
-  const at::cuda::OptionalCUDAGuard guard(inputs[0].device());
+  check_crop_args(op, inputs, idx, stride, padding, image_size, patch_size, kKernelDevice);
+  const DeviceGuard guard(inputs[0].device());
   int64_t C = 0;
   for (const auto& t : inputs) {
     C += t.size(1);
@@ -351,20 +350,20 @@ void crop_into_cuda(at::TensorList inputs, const at::Tensor& idx, int64_t stride
   // message for the same input.
   TORCH_CHECK(out.dim() == 4, op, ": out must have shape (P, C, ph, pw), got ", out.sizes());
   check_crop_args(op, inputs, idx, stride, padding, image_size, {out.size(2), out.size(3)},
-                  at::kCUDA);
+                  kKernelDevice);
   int64_t C = 0;
   for (const auto& t : inputs) {
     C += t.size(1);
   }
   check_crop_into_out(op, out, inputs[0], idx, C, channel_offset);
-  const at::cuda::OptionalCUDAGuard guard(inputs[0].device());
+  const DeviceGuard guard(inputs[0].device());
   const at::Tensor idx_c = idx.contiguous();
   crop_into_impl(op, inputs, idx_c, stride, padding, image_size, channel_offset, out);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pymatting_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(pymatting_ext, PYMATTING_EXT_KERNEL_KEY, m) {
   m.impl("crop", &crop_cuda);
   m.impl("crop_into", &crop_into_cuda);
 }

@@ -1,15 +1,26 @@
 // Helpers shared by the CUDA kernels of pymatting_ext (kernels/cuda/*.cu):
-// launch sizes, the on-device range check of idx rows, a fast divider, and
-// the declarations of the cell map of replace/compose (cell_map.cu). All but
+// the launch helper and the few device calls of the host wrappers, launch
+// sizes, the on-device range check of idx rows, a fast divider, and the
+// declarations of the cell map of replace/compose (cell_map.cu). All but
 // those declarations are internal to each translation unit (anonymous
 // namespace), so several .cu files may include this.
+//
+// The same sources also compile as C++ for the host execution harness of the
+// tests (tests/cuda_host, PYMATTING_EXT_CUDA_HOST defined), which runs the
+// kernels on CPU tensors, one fiber per GPU thread. Only the lines below that
+// test PYMATTING_EXT_CUDA_HOST differ between the two builds.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+
+#ifdef PYMATTING_EXT_CUDA_HOST
+#include "cuda_host.h"
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/macros/Macros.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -34,13 +45,56 @@ void check_idx_grid(const char* op, const at::Tensor& idx_c, int64_t B, int64_t 
 
 namespace {
 
+// The device calls of the host wrappers: the only ones that differ in the
+// harness (CPU tensors, no streams, a pretend device of a few SMs).
+#ifdef PYMATTING_EXT_CUDA_HOST
+constexpr at::DeviceType kKernelDevice = at::kCPU;
+using DeviceGuard = ::pmx_host::DeviceGuard;
+inline cudaStream_t current_stream() { return nullptr; }
+inline int64_t sm_count() { return ::pmx_host::sm_count(); }
+#define PYMATTING_EXT_KERNEL_KEY CPU
+#else
+constexpr at::DeviceType kKernelDevice = at::kCUDA;
+using DeviceGuard = at::cuda::OptionalCUDAGuard;
+inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+// The dispatch key the kernels register for (CPU in the harness, whose ops
+// live in a namespace of their own).
+#define PYMATTING_EXT_KERNEL_KEY CUDA
+#endif
+
+// Every kernel launch: Kernel<<<grid, block, smem, stream>>>(args...) under
+// nvcc, then the launch check; the harness's strict launch otherwise.
+template <auto Kernel, typename... Args>
+inline void launch_kernel(dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          const Args&... args) {
+#ifdef PYMATTING_EXT_CUDA_HOST
+  (void)stream;
+  ::pmx_host::launch<Kernel>(grid, block, smem, args...);
+#else
+  Kernel<<<grid, block, smem, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+// The block's dynamic shared memory (16-byte aligned).
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared() {
+#ifdef PYMATTING_EXT_CUDA_HOST
+  return reinterpret_cast<T*>(::pmx_host::dynamic_shared());
+#else
+  extern __shared__ __align__(16) unsigned char dynamic_shared_raw[];
+  return reinterpret_cast<T*>(dynamic_shared_raw);
+#endif
+}
+
 constexpr int kThreads = 256;
 
 // Blocks for a grid-stride loop over n items (n > 0): enough to fill the
 // device several times over, never more than the items need.
 inline int64_t blocks_for(int64_t n, int threads = kThreads) {
   const int64_t need = (n + threads - 1) / threads;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = sm_count();
   const int64_t cap = sms * 32;
   return need < cap ? need : cap;
 }
@@ -100,12 +154,21 @@ struct RawBits<16> {
 // it has broken the struct into registers; this is one st.global.v4 (v2)
 // whatever the optimiser did before. (__stwb would do too, but becomes a
 // "strong" store.)
+// (The harness stores the vector type whole: its alignment is checked.)
 __device__ __forceinline__ void store_bits(void* p, const uint4& b) {
+#ifdef PYMATTING_EXT_CUDA_HOST
+  *reinterpret_cast<uint4*>(p) = b;
+#else
   asm("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(b.x), "r"(b.y), "r"(b.z), "r"(b.w)
       : "memory");
+#endif
 }
 __device__ __forceinline__ void store_bits(void* p, const uint2& b) {
+#ifdef PYMATTING_EXT_CUDA_HOST
+  *reinterpret_cast<uint2*>(p) = b;
+#else
   asm("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(b.x), "r"(b.y) : "memory");
+#endif
 }
 __device__ __forceinline__ void store_bits(void* p, const unsigned int& b) {
   *reinterpret_cast<unsigned int*>(p) = b;

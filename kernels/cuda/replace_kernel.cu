@@ -84,10 +84,10 @@ __global__ void __launch_bounds__(kBX * kBY)
 at::Tensor replace_cuda(const at::Tensor& x, const at::Tensor& patches, const at::Tensor& idx,
                         const c10::optional<at::Tensor>& valid) {
   const char* op = "replace";
-  check_replace_args(op, x, patches, idx, valid, at::kCUDA);
+  check_replace_args(op, x, patches, idx, valid, kKernelDevice);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t s = patches.size(3);
-  const at::cuda::OptionalCUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
 
   const at::Tensor idx_c = idx.contiguous();
   const int64_t HC = H / s, WC = W / s;
@@ -101,7 +101,7 @@ at::Tensor replace_cuda(const at::Tensor& x, const at::Tensor& patches, const at
   const bool channels_last =
       !out.is_contiguous() && out.is_contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t L = channels_last ? W * C : W;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const dim3 block(kBX, kBY);
   const dim3 grid(static_cast<unsigned>((L + kBX - 1) / kBX),
                   static_cast<unsigned>(std::min((H + kBY * kRows - 1) / (kBY * kRows), kMaxGridYZ)),
@@ -114,20 +114,19 @@ at::Tensor replace_cuda(const at::Tensor& x, const at::Tensor& patches, const at
     scalar_t* op_ = out.data_ptr<scalar_t>();
     const Strides4 xs = strides4(x), ps = strides4(patches), os = strides4(out);
     if (channels_last) {
-      replace_kernel<scalar_t, true><<<grid, block, 0, stream>>>(xp, xs, pp, ps, mp, op_, os, B, C, H,
-                                                                 L, cdiv, sdiv, HC, WC);
+      launch_kernel<replace_kernel<scalar_t, true>>(grid, block, 0, stream, xp, xs, pp, ps, mp, op_, os,
+                                                    B, C, H, L, cdiv, sdiv, HC, WC);
     } else {
-      replace_kernel<scalar_t, false><<<grid, block, 0, stream>>>(xp, xs, pp, ps, mp, op_, os, B, C,
-                                                                  H, L, cdiv, sdiv, HC, WC);
+      launch_kernel<replace_kernel<scalar_t, false>>(grid, block, 0, stream, xp, xs, pp, ps, mp, op_, os,
+                                                     B, C, H, L, cdiv, sdiv, HC, WC);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pymatting_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(pymatting_ext, PYMATTING_EXT_KERNEL_KEY, m) {
   m.impl("replace", &replace_cuda);
 }
 

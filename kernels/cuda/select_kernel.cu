@@ -315,9 +315,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_sampling_cuda(const at::Te
                                                                     int64_t k,
                                                                     bool prevent_oversampling) {
   const char* op = "select_sampling";
-  check_select_args(op, err, at::kCUDA);
+  check_select_args(op, err, kKernelDevice);
   TORCH_CHECK(k >= 0, op, ": k must be non-negative, got ", k);
-  const at::cuda::OptionalCUDAGuard guard(err.device());
+  const DeviceGuard guard(err.device());
   const at::Tensor e = err.contiguous();
   const int64_t B = e.size(0), H = e.size(2), W = e.size(3), N = H * W;
   // NB: asking for more cells than there are selects all of them, where
@@ -330,11 +330,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_sampling_cuda(const at::Te
   }
   // Written in full by the write kernel.
   at::Tensor ref = at::empty_like(e);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   // Blocks per image: about two waves over the device for the whole batch,
   // each block a whole number of tiles, and fewer than 2^31 keys a block.
   const int64_t tiles = (N + kSelTile - 1) / kSelTile;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = sm_count();
   int64_t blocks = std::max<int64_t>(1, (2 * sms + B - 1) / B);
   blocks = std::min(blocks, tiles);
   blocks = std::max(blocks, (tiles + (int64_t(1) << 19) - 1) >> 19);
@@ -357,17 +357,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_sampling_cuda(const at::Te
       hist.zero_();
       const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(std::min(B - b0, S)));
       for (int pass = 0; pass < kPasses; ++pass) {
-        radix_histogram_kernel<scalar_t><<<grid, kSelThreads, 0, stream>>>(src, hist_p, N, chunk, k,
-                                                                           pass, b0);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel<radix_histogram_kernel<scalar_t>>(grid, kSelThreads, 0, stream, src, hist_p, N,
+                                                        chunk, k, pass, b0);
       }
-      radix_count_kernel<scalar_t><<<grid, kSelThreads, 0, stream>>>(src, hist_p, counts_p, N, chunk,
-                                                                     k, b0);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      radix_write_kernel<scalar_t><<<grid, kSelThreads, 0, stream>>>(
-          src, hist_p, counts_p, ref.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
-          valid.data_ptr<bool>(), N, W, chunk, k, prevent_oversampling, b0);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel<radix_count_kernel<scalar_t>>(grid, kSelThreads, 0, stream, src, hist_p, counts_p,
+                                                  N, chunk, k, b0);
+      launch_kernel<radix_write_kernel<scalar_t>>(grid, kSelThreads, 0, stream, src, hist_p, counts_p,
+                                                  ref.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+                                                  valid.data_ptr<bool>(), N, W, chunk, k,
+                                                  prevent_oversampling, b0);
     }
   });
   return {ref, idx, valid};
@@ -468,8 +466,8 @@ __global__ void __launch_bounds__(kSelThreads)
 std::tuple<at::Tensor, at::Tensor> select_thresholding_cuda(const at::Tensor& err,
                                                             double threshold) {
   const char* op = "select_thresholding";
-  check_select_args(op, err, at::kCUDA);
-  const at::cuda::OptionalCUDAGuard guard(err.device());
+  check_select_args(op, err, kKernelDevice);
+  const DeviceGuard guard(err.device());
   const at::Tensor e = err.contiguous();
   const int64_t B = e.size(0), H = e.size(2), W = e.size(3), N = H * W;
   const int64_t total = B * N;
@@ -477,7 +475,7 @@ std::tuple<at::Tensor, at::Tensor> select_thresholding_cuda(const at::Tensor& er
   if (total == 0) {
     return {ref, at::empty({0, 3}, e.options().dtype(at::kLong))};
   }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const int64_t T = (total + kSelTile - 1) / kSelTile;
   TORCH_CHECK(T <= INT32_MAX, op, ": err has too many elements (", total, ")");
   at::Tensor counts = at::empty({T}, e.options().dtype(at::kLong));
@@ -487,27 +485,26 @@ std::tuple<at::Tensor, at::Tensor> select_thresholding_cuda(const at::Tensor& er
     // NB: as torch.gt with a Python scalar, the threshold is first rounded to
     // err's dtype: 0.1 compares as 0.0999755859375 in float16.
     const opmath_t thr = static_cast<opmath_t>(static_cast<scalar_t>(threshold));
-    threshold_flag_kernel<scalar_t><<<static_cast<unsigned>(T), kSelThreads, 0, stream>>>(
-        e.data_ptr<scalar_t>(), ref.data_ptr<float>(), counts.data_ptr<int64_t>(), total, thr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel<threshold_flag_kernel<scalar_t>>(static_cast<unsigned>(T), kSelThreads, 0, stream,
+                                                   e.data_ptr<scalar_t>(), ref.data_ptr<float>(),
+                                                   counts.data_ptr<int64_t>(), total, thr);
   });
-  exclusive_scan_kernel<<<1, kSelThreads, 0, stream>>>(counts.data_ptr<int64_t>(),
-                                                       offsets.data_ptr<int64_t>(), T);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel<exclusive_scan_kernel>(1, kSelThreads, 0, stream, counts.data_ptr<int64_t>(),
+                                       offsets.data_ptr<int64_t>(), T);
   // The one synchronisation: the number of rows is the output's size.
   const int64_t P = offsets[T].item<int64_t>();
   at::Tensor idx = at::empty({P, 3}, e.options().dtype(at::kLong));
   if (P > 0) {
-    threshold_write_kernel<<<static_cast<unsigned>(T), kSelThreads, 0, stream>>>(
-        ref.data_ptr<float>(), offsets.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), total, N, W);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel<threshold_write_kernel>(static_cast<unsigned>(T), kSelThreads, 0, stream,
+                                          ref.data_ptr<float>(), offsets.data_ptr<int64_t>(),
+                                          idx.data_ptr<int64_t>(), total, N, W);
   }
   return {ref, idx};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pymatting_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(pymatting_ext, PYMATTING_EXT_KERNEL_KEY, m) {
   m.impl("select_sampling", &select_sampling_cuda);
   m.impl("select_thresholding", &select_thresholding_cuda);
 }
