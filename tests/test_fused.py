@@ -8,14 +8,9 @@ runs through Triton's interpreter on CPU tensors (small sizes: the
 interpreter is slow); with one, on the GPU, where the GPU-only tests below
 also run (no synchronisation, CUDA graphs, TF32, 2^31 elements).
 
-The kernels are also compiled ahead of time for sm_90 (no GPU needed), with
-their registers, spills and shared memory printed (run this file as a
-script to see them: python tests/test_fused.py [--all])."""
-import os
-import re
-import subprocess
-import sys
-import tempfile
+tests/test_triton_compile.py compiles the kernels ahead of time for sm_90
+(no GPU needed): every variant these tests launch on a GPU, with their
+registers, spills, shared memory and per-tap layout conversions."""
 
 import pytest
 import torch
@@ -410,87 +405,33 @@ def test_gpu_past_2_to_the_31_elements():
     assert float((want[:, :, 8:].float() - reference_out[:, :, 8:].float()).abs().max()) <= bound
 
 
-# -- ahead-of-time compilation --------------------------------------------------
+# -- launch options ---------------------------------------------------------------
 
-def compile_configs(everything=False):
-    """(dtype, kernel_size, precision, block_p, num_warps): the launcher's GPU
-    defaults for float32 (TF32) and float16, kernel sizes 3 and 1; with
-    `everything`, also float32 without TF32 and bfloat16."""
+def test_launches_pin_enable_fp_fusion_off(monkeypatch):
+    # NB: off (kernels/triton/fused.FP_FUSION), so that the compiled kernels
+    # round each product and sum of the crop, the biases and the epilogue as
+    # Triton's interpreter, which runs these tests without a GPU, does:
+    # contracted into FMAs they would differ by an ulp here and there, as the
+    # Triton version's LLVM chose. tests/test_triton_compile.py checks that the
+    # compiled PTX then holds no contracted FMA.
     from pymatting_ext.triton_kernels import fused as k
-    out = []
-    for dt, precision in (("fp32", "tf32"), ("fp16", "tf32")) + ((("fp32", "ieee"), ("bf16", "tf32"))
-                                                                 if everything else ()):
-        for ks in (3, 1):
-            bp, nw = k.launch_config(ks, gpu=True)
-            out.append((dt, ks, precision, bp, nw))
-    return out
+    assert k.FP_FUSION is False
+    seen = []
+    wrap = k.wrap_triton
 
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-def resources(cubin: bytes):
-    """{'REG', 'STACK', 'SHARED', 'LOCAL'} from cuobjdump, or None where
-    Triton does not ship it."""
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
-    return None if m is None else dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, m.groups())))
+        def __getitem__(self, grid):
+            launch = wrap(self.kernel)[grid]
 
+            def run(*args, **kwargs):
+                seen.append((self.kernel.fn.__name__, kwargs.get("enable_fp_fusion", "not given")))
+                return launch(*args, **kwargs)
+            return run
 
-def compile_main(arch=90, everything=False):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from pymatting_ext.triton_kernels import fused as k
-
-    problems = []
-
-    def build(fn, signature, constexprs, num_warps, label):
-        signature = {**signature, **{name: "constexpr" for name in constexprs}}
-        assert set(signature) == set(fn.arg_names), (fn.__name__, sorted(set(fn.arg_names) - set(signature)))
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-        assert ".entry" in compiled.asm["ptx"], fn.__name__
-        usage = resources(compiled.asm["cubin"])
-        shared = compiled.metadata.shared
-        print(f"sm_{arch} {label}: num_warps {num_warps}, shared memory {shared} bytes"
-              + ("" if usage is None else f", {usage['REG']} registers, "
-                 f"{usage['STACK'] + usage['LOCAL']} bytes spilled/stack"))
-        if usage is not None and (usage["STACK"] or usage["LOCAL"]):
-            problems.append(f"{label}: {usage}")
-
-    fn = k._refine_kernel
-    for dt, ks, precision, bp, nw in compile_configs(everything):
-        sig = {n: "i32" for n in fn.arg_names}
-        sig.update({n: f"*{dt}" for n in fn.arg_names if n.endswith("_ptr")})
-        sig.update(map_ptr="*i8", idx_ptr="*i64", valid_ptr="*i1", scale_h="fp32", scale_w="fp32")
-        const = dict(K3=ks == 3, HAS_VALID=True, EPILOGUE=True, RESAMPLE=True, ROUND=False,
-                     PRECISION=precision, UPCAST=False, BLOCK_P=bp)
-        build(fn, sig, const, nw, f"_refine_kernel {dt} k{ks} {precision} BLOCK_P={bp}")
-    fn = k._coarse_kernel
-    for dt in ("fp32", "fp16"):
-        sig = {n: "i32" for n in fn.arg_names}
-        sig.update({n: f"*{dt}" for n in fn.arg_names if n.endswith("_ptr")})
-        sig.update(map_ptr="*i8", scale_h="fp32", scale_w="fp32")
-        rows, block = k.coarse_tiling(gpu=True)
-        build(fn, sig, dict(SAME=False, EPILOGUE=True, ROUND=False, ROWS=rows, BLOCK=block), 4,
-              f"_coarse_kernel {dt}")
-    assert not problems, "\n".join(problems)
-    print("compiled the fused kernels")
-
-
-def test_fused_kernels_compile_for_sm90():
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "compiled the fused kernels" in proc.stdout
-    print(proc.stdout)
-
-
-if __name__ == "__main__":
-    # --all: also float32 without TF32 and bfloat16.
-    compile_main(everything="--all" in sys.argv)
+    monkeypatch.setattr(k, "wrap_triton", Spy)
+    src, bgr, pha, fgr, hid, idx, valid, weights, ks, allow_tf32, epilogue = op_args(1, P=2)
+    fused().refine_sparse(src, bgr, pha, fgr, hid, idx, valid, weights, ks, epilogue, allow_tf32=allow_tf32)
+    assert seen == [("_refine_kernel", False), ("_coarse_kernel", False)]

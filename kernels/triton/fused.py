@@ -26,7 +26,7 @@ side: out[r] = sum over taps t of (X @ W_t)[r + s_t], s_t = dy * S + dx
 (within the patch), so each tap is one tl.dot ([rows, C_in] x [C_in,
 C_out], fp32 accumulation) and one row gather of its [rows, C_out] result
 with tl.gather. Gathering the output instead of the input moves C_out
-columns instead of C_in (32 instead of 48 for conv1, 16 instead of 32 for
+columns instead of C_in (32 instead of 64 for conv1, 16 instead of 32 for
 conv2 and conv3). The nearest upsample before conv3 is one more row gather.
 
 NB: tl.gather, not a scratch buffer in global memory: it exists in the
@@ -35,16 +35,20 @@ sm_90 with both, and both interpreters run it), needs no barrier, no
 allocation and no
 bound on the grid, and keeps the shifted rows on the SM: with one patch (64
 rows) a program, Triton gives the gather a layout in which a warp holds all
-64 rows of its columns and lowers it to warp shuffles (the dot results go
-to and from that layout through shared memory). A global scratch buffer
+64 rows of its columns and lowers it to warp shuffles (each tap's dot
+result goes to that layout through shared memory: the one layout
+conversion a tap, as the sm_90 TTGIR shows; tests/test_triton_compile.py
+checks it). A global scratch buffer
 would be written and re-read through L2 nine times per layer, with a
 __syncthreads between, and could race if a barrier were misplaced (which
 the interpreter cannot show).
 
-Channels are padded to powers of two: crop 1 as hid [rows, 32] and the rest
-[rows, 16] (pha, fgr, src/2, bgr/2, six zeros: 48 columns, not 64), conv1
-out 24 -> 32, conv2 out 16, conv3 in 16 (upsampled) + 16 (crop 2: src,
-bgr, ten zeros), conv3 out 12 -> 16, conv4 out 4 -> 16. The weights are read
+Channels are padded to powers of two: crop 1 is sampled as hid [rows, 32]
+and the rest [rows, 16] (pha, fgr, src/2, bgr/2, six zeros), and conv1
+takes them as one [rows, 64] operand (16 more zeros; see _cat_columns),
+conv1 out 24 -> 32, conv2 out 16, conv3 in 16 (upsampled) + 16 (crop 2:
+src, bgr, ten zeros) as one [rows, 32] operand, conv3 out 12 -> 16, conv4
+out 4 -> 16. The weights are read
 straight from the folded (C_out, C_in, k, k) tensors, tap by tap, with
 masks for the padding (no packed copy to cache or rebuild).
 
@@ -61,7 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import clamp01, compiled, device_guard, linear_scale, linear_tap, to_dtype, wrap_triton
+from .common import (clamp01, compiled, device_guard, linear_mix, linear_scale, linear_tap, round_weights,
+                     to_dtype, wrap_triton)
 
 __all__ = ["refine_patches_into", "fill_coarse_into", "refine_sparse", "launch_config", "coarse_tiling",
            "weight_shapes"]
@@ -90,14 +95,6 @@ def _mm(a, w, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _mm_acc(a, w, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        a = a.to(tl.float32)
-        w = w.to(tl.float32)
-    return tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=tl.float32)
-
-
-@triton.jit
 def _tap_weights(w_ptr, c_in, c_out, c_lo, c_hi, t, TAPS: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
     """[K, N]: tap t of input channels c_lo + k (< c_hi) of a contiguous
     (c_out, c_in, kh, kw) weight, zeros in the padding."""
@@ -105,6 +102,25 @@ def _tap_weights(w_ptr, c_in, c_out, c_lo, c_hi, t, TAPS: tl.constexpr, K: tl.co
     n = tl.arange(0, N)[None, :]
     m = (c_lo + k < c_hi) & (n < c_out)
     return tl.load(w_ptr + (n * c_in + c_lo + k) * TAPS + t, mask=m, other=0.0)
+
+
+@triton.jit
+def _cat_columns(a, b):
+    """[M, 2K]: the K columns of a, then those of b ([M, K] each).
+
+    NB: conv1 and conv3 each take one operand of all their input channels
+    (one tl.dot a tap) rather than two operands whose dots are chained
+    through the accumulator: Triton gives the first dot of such a chain
+    another warp layout than the second (all 8 warps along the rows, which
+    with 64 rows makes the second warpgroup repeat the first), so every tap
+    converted between the two (seen in the sm_90 TTGIR;
+    tests/test_triton_compile.py checks that no such conversion is left).
+    Adding the two dots' results instead changes nothing: Triton folds
+    dot(a, b) + c into dot(a, b, c). For conv1 it costs 16 columns of
+    zeros (64 instead of 48), for conv3 none; on the GPU the zeros add
+    nothing to the accumulator, under the interpreter the one matmul sums
+    in another order than two did (a float32 ulp)."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
 
 
 @triton.jit
@@ -126,12 +142,6 @@ def _shift_add(acc, y, base, pos, shift, R: tl.constexpr, K3: tl.constexpr):
 
 
 @triton.jit
-def _mix(v00, v01, v10, v11, wy0, wy1, wx0, wx1):
-    """PyTorch's bilinear combination: width pass inside, height outside."""
-    return (v00 * wx0 + v01 * wx1) * wy0 + (v10 * wx0 + v11 * wx1) * wy1
-
-
-@triton.jit
 def _sample(at, y0, y1, x0, x1, sh, sw, wy0, wy1, wx0, wx1, m, RESAMPLE: tl.constexpr, dtype: tl.constexpr):
     """Bilinear sample (RESAMPLE) or plain read (at y0, x0) of the planes
     `at` points to, rounded to dtype; zero where not m."""
@@ -140,7 +150,7 @@ def _sample(at, y0, y1, x0, x1, sh, sw, wy0, wy1, wx0, wx1, m, RESAMPLE: tl.cons
         v01 = tl.load(at + y0 * sh + x1 * sw, mask=m, other=0.0).to(tl.float32)
         v10 = tl.load(at + y1 * sh + x0 * sw, mask=m, other=0.0).to(tl.float32)
         v11 = tl.load(at + y1 * sh + x1 * sw, mask=m, other=0.0).to(tl.float32)
-        return to_dtype(_mix(v00, v01, v10, v11, wy0, wy1, wx0, wx1), dtype)
+        return to_dtype(linear_mix(v00, v01, v10, v11, wy0, wy1, wx0, wx1), dtype)
     else:
         return tl.load(at + y0 * sh + x0 * sw, mask=m, other=0.0).to(dtype)
 
@@ -248,16 +258,16 @@ def _refine_kernel(out_ptr, map_ptr, idx_ptr, valid_ptr,
             at = bgr_ptr + bb * gsb + gsc.to(tl.int64) * c
             a_rest = tl.where(ch16 == 7 + c, _sample(at, y0, y1, x0, x1, gsh, gsw,
                                                      wy0, wy1, wx0, wx1, m1, True, dtype), a_rest)
-        a_hid = tl.trans(a_hid)
-        a_rest = tl.trans(a_rest.to(dtype))
+        # conv1's input as one [rows, 64] tile: hid, the other 10 channels,
+        # 22 zeros (see _cat_columns).
+        a1 = _cat_columns(tl.trans(a_hid), _cat_columns(tl.trans(a_rest.to(dtype)), tl.zeros([M, 16], dtype)))
 
         # -- conv1 + ReLU, conv2 + ReLU ---------------------------------
         # NB: tap loops not unrolled: unrolled, the compiler hoisted every
         # tap's weight loads (spilling at 255 registers).
         acc = tl.zeros([M, 32], tl.float32)
         for t in range(TAPS):
-            y = _mm(a_hid, _tap_weights(w1_ptr, 42, 24, 0, 32, t, TAPS, 32, 32), PRECISION, UPCAST)
-            y = _mm_acc(a_rest, _tap_weights(w1_ptr, 42, 24, 32, 42, t, TAPS, 16, 32), y, PRECISION, UPCAST)
+            y = _mm(a1, _tap_weights(w1_ptr, 42, 24, 0, 42, t, TAPS, 64, 32), PRECISION, UPCAST)
             acc = _shift_add(acc, y, base, pos, (t // 3) * S + t % 3, R, K3)
         z1 = to_dtype(tl.maximum(acc + _bias(b1_ptr, 24, 32), 0.0), dtype)
         acc = tl.zeros([M, 16], tl.float32)
@@ -286,13 +296,12 @@ def _refine_kernel(out_ptr, map_ptr, idx_ptr, valid_ptr,
                                                  mask=m2, other=0.0), a_crop)
             a_crop = tl.where(ch16 == 3 + c, tl.load(bgr_ptr + bb * gsb + gsc.to(tl.int64) * c + fy64 * gsh
                                                      + fx64 * gsw, mask=m2, other=0.0), a_crop)
-        a_crop = tl.trans(a_crop)
+        a3 = _cat_columns(z2, tl.trans(a_crop))
 
         # -- conv3 + ReLU, conv4 ----------------------------------------
         acc = tl.zeros([M, 16], tl.float32)
         for t in range(TAPS):
-            y = _mm(z2, _tap_weights(w3_ptr, 22, 12, 0, 16, t, TAPS, 16, 16), PRECISION, UPCAST)
-            y = _mm_acc(a_crop, _tap_weights(w3_ptr, 22, 12, 16, 22, t, TAPS, 16, 16), y, PRECISION, UPCAST)
+            y = _mm(a3, _tap_weights(w3_ptr, 22, 12, 0, 22, t, TAPS, 32, 16), PRECISION, UPCAST)
             acc = _shift_add(acc, y, base, pos, (t // 3) * S + t % 3, R, K3)
         z3 = to_dtype(tl.maximum(acc + _bias(b3_ptr, 12, 16), 0.0), dtype)
         acc = tl.zeros([M, 16], tl.float32)
@@ -385,7 +394,7 @@ def _coarse_kernel(out_ptr, map_ptr, src_ptr, pha_ptr, fgr_ptr, height, width, c
             v01 = tl.load(at + ry0 * sh + cx1 * sw, mask=up, other=0.0).to(tl.float32)
             v10 = tl.load(at + ry1 * sh + cx0 * sw, mask=up, other=0.0).to(tl.float32)
             v11 = tl.load(at + ry1 * sh + cx1 * sw, mask=up, other=0.0).to(tl.float32)
-            v = to_dtype(_mix(v00, v01, v10, v11, wy0, wy1, wx0, wx1), dtype)
+            v = to_dtype(linear_mix(v00, v01, v10, v11, wy0, wy1, wx0, wx1), dtype)
         if EPILOGUE:
             if c == 0:
                 v = clamp01(v.to(tl.float32)).to(dtype)
@@ -398,22 +407,31 @@ def _coarse_kernel(out_ptr, map_ptr, src_ptr, pha_ptr, fgr_ptr, height, width, c
 # -- launchers ------------------------------------------------------------------
 
 def launch_config(kernel_size: int, block_p: Optional[int] = None, num_warps: Optional[int] = None,
-                  gpu: Optional[bool] = None):
+                  gpu: Optional[bool] = None, precision: str = "tf32"):
     """(BLOCK_P, num_warps) of the fused kernel: patches and warps per
     program, powers of two, at least 32 rows (patches x 64 at kernel_size 3,
-    x 16 at 1) a program.
+    x 16 at 1) a program. precision: the tl.dots' input_precision ("ieee":
+    float32 with TF32 off, whose dots run on the FMA units).
 
     Defaults on the GPU (gpu None: compiled()): 1 patch (64 rows) at
-    kernel_size 3 and 4 patches (64 rows) at 1, on 8 warps: no spills and
-    the fewest registers per thread among the tilings compiled for sm_90
-    with Triton 3.6 and 3.8 (see tests/test_fused.py; not timed on a GPU
-    yet). Under the interpreter, whose cost is per program, 32 patches.
+    kernel_size 3 and 4 patches (64 rows) at 1 (2 patches, 32 rows, for
+    "ieee", whose 64-row tile takes 150 registers against 64), on 8 warps:
+    no spills and the fewest registers per thread among the tilings
+    compiled for sm_90 with Triton 3.8 (python tests/test_triton_compile.py
+    --fused prints them; not timed on a GPU yet:
+    benchmarks/bench_fused_tiling.py times every tiling). Under the
+    interpreter, whose cost is per program, 32 patches.
 
     NB: 16 rows (kernel_size 1, one patch) crash Triton 3.6's layout pass."""
     if gpu is None:
         gpu = compiled()
     if block_p is None:
-        block_p = (1 if kernel_size == 3 else 4) if gpu else 32
+        if not gpu:
+            block_p = 32
+        elif kernel_size == 3:
+            block_p = 1
+        else:
+            block_p = 2 if precision == "ieee" else 4
     if num_warps is None:
         num_warps = 8
     for name, v in (("block_p", block_p), ("num_warps", num_warps)):
@@ -433,10 +451,18 @@ def coarse_tiling(gpu: Optional[bool] = None):
     return (1, 256) if gpu else (16, 256)
 
 
-def _round_weights(device: torch.device) -> bool:
-    # As PyTorch's upsample on the device: its CPU kernel rounds the bilinear
-    # weights to float16/bfloat16, its CUDA kernel keeps them in float32.
-    return device.type != "cuda"
+#: enable_fp_fusion of both launches, pinned (Triton's default follows
+#: TRITON_DEFAULT_FP_FUSION, on unless set).
+#: NB: off: the compiled kernels then round every product and sum of the
+#: crop (tap coordinates, bilinear weights and blends), the biases, ReLUs
+#: and the epilogue one operation at a time, as Triton's interpreter (numpy)
+#: does, so the CI tests, which run the kernels through the interpreter,
+#: check the roundings the GPU makes; contracted into FMAs they would differ
+#: by an ulp here and there (a float16 sample rounded the other way), by
+#: what LLVM chose to contract in that Triton version. The convolutions are
+#: tl.dots, which this does not touch; the cost is a few multiply-adds a row
+#: in the crop (tests/test_triton_compile.py prints the compiled variants).
+FP_FUSION = False
 
 
 def refine_patches_into(out: torch.Tensor, cell_map: torch.Tensor, src: torch.Tensor, bgr: torch.Tensor,
@@ -454,9 +480,9 @@ def refine_patches_into(out: torch.Tensor, cell_map: torch.Tensor, src: torch.Te
         return
     B, _, H, W = src.shape
     Hc, Wc = pha.shape[2], pha.shape[3]
-    bp, nw = launch_config(kernel_size, block_p, num_warps)
     fp32 = src.dtype == torch.float32
     precision = "tf32" if (allow_tf32 or not fp32) else "ieee"
+    bp, nw = launch_config(kernel_size, block_p, num_warps, precision=precision)
     upcast = src.dtype == torch.bfloat16 and not compiled()
     v = valid if valid is not None else idx
     w1, b1, w2, b2, w3, b3, w4, b4 = weights
@@ -466,8 +492,8 @@ def refine_patches_into(out: torch.Tensor, cell_map: torch.Tensor, src: torch.Te
         linear_scale(Hc, H // 2), linear_scale(Wc, W // 2),
         *src.stride(), *bgr.stride(), *pha.stride(), *fgr.stride(), *hid.stride(),
         K3=kernel_size == 3, HAS_VALID=valid is not None, EPILOGUE=bool(epilogue),
-        RESAMPLE=(Hc, Wc) != (H // 2, W // 2), ROUND=_round_weights(src.device), PRECISION=precision,
-        UPCAST=upcast, BLOCK_P=bp, num_warps=nw)
+        RESAMPLE=(Hc, Wc) != (H // 2, W // 2), ROUND=round_weights(src.device), PRECISION=precision,
+        UPCAST=upcast, BLOCK_P=bp, num_warps=nw, enable_fp_fusion=FP_FUSION)
 
 
 def fill_coarse_into(out: torch.Tensor, cell_map: torch.Tensor, src: torch.Tensor, pha: torch.Tensor,
@@ -483,7 +509,8 @@ def fill_coarse_into(out: torch.Tensor, cell_map: torch.Tensor, src: torch.Tenso
     wrap_triton(_coarse_kernel)[(B * y_blocks * x_blocks,)](
         out, cell_map, src, pha, fgr, H, W, Hc, Wc, linear_scale(Hc, H), linear_scale(Wc, W), x_blocks, y_blocks,
         *src.stride(), *pha.stride(), *fgr.stride(),
-        SAME=(Hc, Wc) == (H, W), EPILOGUE=bool(epilogue), ROUND=_round_weights(out.device), ROWS=rows, BLOCK=block)
+        SAME=(Hc, Wc) == (H, W), EPILOGUE=bool(epilogue), ROUND=round_weights(out.device), ROWS=rows, BLOCK=block,
+        enable_fp_fusion=FP_FUSION)
 
 
 def refine_sparse(src: torch.Tensor, bgr: torch.Tensor, pha: torch.Tensor, fgr: torch.Tensor, hid: torch.Tensor,
