@@ -40,13 +40,16 @@ def compiled_variants() -> dict:
 
 def warmup(device="cuda", dtype: torch.dtype = torch.float32, *,
            modes: Sequence[str] = ("sampling", "thresholding", "full"), backbone_scale: float = 0.25,
-           epilogue: bool = True) -> dict:
+           epilogue: bool = True, allow_tf32: Sequence[bool] = (True, False)) -> dict:
     """Compiles the Triton kernels that ``pymatting_ext.Refiner(...,
     backend='triton')`` launches for `dtype` on `device`, by running a small
     Refiner of each mode (both kernel sizes, with and without
     prevent_oversampling; with ``epilogue``, also MattingRefine's fused
     epilogue) on a 64x96 frame whose coarse inputs are `backbone_scale` of
-    its size, as MattingRefine's are.
+    its size, as MattingRefine's are. float32 runs under each setting of
+    torch.backends.cudnn.allow_tf32 in `allow_tf32` (restored afterwards):
+    the fused kernel compiles a variant for each (TF32 or IEEE dots; the
+    tests turn TF32 off, PyTorch's default is on).
 
     The kernels take sizes as unspecialised arguments, so what compiles here
     serves every frame size (Triton also caches it on disk for the next
@@ -65,15 +68,21 @@ def warmup(device="cuda", dtype: torch.dtype = torch.float32, *,
 
     src, bgr = rand(1, 3, H, W), rand(1, 3, H, W)
     pha, fgr, err, hid = rand(1, 1, Hc, Wc), rand(1, 3, Hc, Wc), rand(1, 1, Hc, Wc), rand(1, 32, Hc, Wc)
-    with torch.no_grad():
-        for mode in modes:
-            for kernel_size in (3, 1):
-                for prevent in (True, False):
-                    refiner = Refiner(mode, 16 * 40, 0.5, kernel_size, prevent, backend="triton")
-                    refiner = refiner.to(device, dtype).eval()
-                    refiner(src, bgr, pha, fgr, err, hid)
-                    if epilogue:
-                        refiner.forward_matting(src, bgr, pha, fgr, err, hid)
+    saved = torch.backends.cudnn.allow_tf32
+    try:
+        with torch.no_grad():
+            for tf32 in (allow_tf32 if dtype == torch.float32 else (saved,)):
+                torch.backends.cudnn.allow_tf32 = bool(tf32)
+                for mode in modes:
+                    for kernel_size in (3, 1):
+                        for prevent in (True, False):
+                            refiner = Refiner(mode, 16 * 40, 0.5, kernel_size, prevent, backend="triton")
+                            refiner = refiner.to(device, dtype).eval()
+                            refiner(src, bgr, pha, fgr, err, hid)
+                            if epilogue:
+                                refiner.forward_matting(src, bgr, pha, fgr, err, hid)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return compiled_variants() if compiled() else {}
