@@ -57,40 +57,49 @@ constexpr unsigned kWarp = 32;
 
 // -- CPU allocations (the tensors a kernel may touch) ------------------------
 
-// Extents of live CPU allocations, registered by the allocator below.
+// Live CPU allocations by start: their exact extent, and the base
+// allocator's allocation that holds them.
+struct Allocation {
+  size_t bytes;
+  c10::DataPtr inner;
+};
 std::mutex g_alloc_mutex;
-std::map<uintptr_t, size_t> g_allocs;
+std::map<uintptr_t, Allocation> g_allocs;
 
 // Wraps the CPU allocator: records each allocation's exact extent, and keeps
 // 64 bytes of slack after it that belong to no tensor, so that an access just
-// past a tensor is never inside the next one.
+// past a tensor is never inside the next one. Its DataPtrs are "simple" (the
+// context is the data), as raw_allocate's callers (oneDNN) require.
 struct TrackingAllocator final : c10::Allocator {
   c10::Allocator* base = nullptr;
 
-  struct Ctx {
-    c10::DataPtr inner;
-    uintptr_t begin;
-  };
-
   static void deleter(void* p) {
-    Ctx* ctx = static_cast<Ctx*>(p);
+    c10::DataPtr inner;
     {
       std::lock_guard<std::mutex> lock(g_alloc_mutex);
-      g_allocs.erase(ctx->begin);
+      auto it = g_allocs.find(reinterpret_cast<uintptr_t>(p));
+      if (it == g_allocs.end()) {
+        return;
+      }
+      inner = std::move(it->second.inner);
+      g_allocs.erase(it);
     }
-    delete ctx;
   }
 
   c10::DataPtr allocate(size_t n) override {
     c10::DataPtr inner = base->allocate(n + 64);
     void* data = inner.get();
-    auto* ctx = new Ctx{std::move(inner), reinterpret_cast<uintptr_t>(data)};
-    if (data != nullptr && n > 0) {
-      std::lock_guard<std::mutex> lock(g_alloc_mutex);
-      g_allocs[ctx->begin] = n;
+    if (data == nullptr) {
+      return inner;
     }
-    return c10::DataPtr(data, ctx, &deleter, c10::Device(c10::DeviceType::CPU));
+    {
+      std::lock_guard<std::mutex> lock(g_alloc_mutex);
+      g_allocs[reinterpret_cast<uintptr_t>(data)] = Allocation{n, std::move(inner)};
+    }
+    return c10::DataPtr(data, data, &deleter, c10::Device(c10::DeviceType::CPU));
   }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &deleter; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
@@ -654,8 +663,10 @@ void run(const char* pretty, dim3 grid, dim3 block, size_t smem, Entry entry, vo
   {
     std::lock_guard<std::mutex> alloc_lock(g_alloc_mutex);
     L.allocs.reserve(g_allocs.size());
-    for (const auto& [b, n] : g_allocs) {
-      L.allocs.push_back({b, b + n});
+    for (const auto& [b, a] : g_allocs) {
+      if (a.bytes > 0) {
+        L.allocs.push_back({b, b + a.bytes});
+      }
     }
   }
 
