@@ -143,7 +143,7 @@ def resources(cubin: bytes):
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     if m is None:
         return None
-    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, flags=re.M))
+    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, flags=re.M))
     return int(m.group(1)), int(m.group(2)) + int(m.group(3)), instructions
 
 
