@@ -24,7 +24,7 @@
 #
 # Phases (limit in seconds, the most a phase may take; LIMIT_<PHASE>
 # overrides one):
-#   env      15   the machine: GPU, driver, versions
+#   env      20   the machine: GPU, driver, versions
 #   deps     25   upstream's package from .whl/ (pip --no-index), checked
 #   build   180   this checkout for the GPU found (its compute capability
 #                 only), into the work folder; reused when the sources match
@@ -43,7 +43,7 @@
 #                 tiling sweep, peak memory), then the verdict on the targets
 #   extra   240   the heavy GPU cases (marker gpu_extra): the Inductor
 #                 fullgraph compiles, the 4K batch-4 comparisons
-# part1 adds up to 535 s, part2 to 535 s, part3 to 445 s. Besides, no phase
+# part1 adds up to 540 s, part2 to 535 s, part3 to 445 s. Besides, no phase
 # may run past the command's deadline (GPU_CHECK_DEADLINE, 540 s after the
 # start): a phase gets what is left, one with nothing left is skipped.
 #
@@ -56,8 +56,7 @@
 # back at most eight.
 #
 # Without a GPU (a rehearsal, with the same limits and deadline) the build
-# uses this machine's default settings (so it reuses what tests/run.sh
-# installed), the GPU tests skip, the sanitizer harness runs on the CPU
+# leaves CUDA out, the GPU tests skip, the sanitizer harness runs on the CPU
 # kernels without a sanitizer, the fused cases run through Triton's
 # interpreter, and the benchmarks run on the CPU (BENCH_ARGS="--quick
 # --settings HD" there).
@@ -81,7 +80,7 @@ declare -A PARTS=(
     [part3]="deps build extra"
 )
 declare -A LIMITS=(
-    [env]=15 [deps]=25 [build]=180 [fused]=120 [warmup]=45 [tests]=150
+    [env]=20 [deps]=25 [build]=180 [fused]=120 [warmup]=45 [tests]=150
     [sanitize]=90 [ddp]=60 [bench]=180 [extra]=240
 )
 PHASES=()
@@ -178,6 +177,7 @@ run_phase() {
         return
     fi
     [ "$left" -lt "$limit" ] && limit=$left
+    rm -f "$LOGS/$name.xml"
     printf '%-9s %-30s since %d s (limit %d s)\n' "$name" "RUNNING" $((SECONDS - START)) "$limit" > "$STATUS"
     publish
     timeout -k 5 "$limit" "$@" > "$LOGS/$name.log" 2>&1
@@ -224,6 +224,15 @@ sanitizer() {
     return 1
 }
 
+# Every phase that tests the package tests the work folder's build, and fails
+# without it (not some other pymatting_ext found on the path).
+require_build() {
+    (cd / && "$PY" -c "import os, pymatting_ext as p; assert p.__file__.startswith(os.environ['WORK'] + '/pkg/')" \
+        2> /dev/null) && return 0
+    echo "ERROR: no build of this checkout in $WORK/pkg: run the build phase first."
+    return 1
+}
+
 # Every phase that compares with upstream fails, rather than skips, without it.
 require_upstream() {
     "$PY" -c "import BackgroundMattingV2" 2> /dev/null && return 0
@@ -244,12 +253,12 @@ phase_deps() {
 }
 
 phase_build() {
-    local settings=()
+    local settings=(PYMATTING_EXT_CUDA=0)
     if [ "$GPU" = 1 ]; then
         settings=(PYMATTING_EXT_CUDA=1
                   TORCH_CUDA_ARCH_LIST="$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")")
     fi
-    echo "building with ${settings[*]:-the default settings} MAX_JOBS=$NPROC"
+    echo "building with ${settings[*]} MAX_JOBS=$NPROC"
     # NB: into a new folder, then swapped in: the build in $WORK/pkg stays on
     # PYTHONPATH meanwhile, which is what setup.py reuses when its hash matches.
     rm -rf "$WORK/pkg.new"
@@ -278,9 +287,15 @@ pytest_phase() {
     local name=$1 timeout_arg=()
     shift
     cd "$ROOT/tests" || return 1
-    require_upstream || return 1
+    require_build && require_upstream || return 1
     "$PY" -c "import pytest_timeout" 2> /dev/null && timeout_arg=(--timeout 120)
     "$PY" -m pytest -v -p no:cacheprovider "${timeout_arg[@]}" -rfEs --junitxml="$LOGS/$name.xml" "$@"
+}
+
+# xdist: the arguments that spread tests over $WORKERS processes (none where
+# pytest-xdist is missing, as on a CPU rehearsal).
+xdist() {
+    if "$PY" -c "import xdist" 2> /dev/null; then echo "-n $WORKERS"; else echo "(pytest-xdist missing: one process)" >&2; fi
 }
 
 phase_fused() {
@@ -288,14 +303,22 @@ phase_fused() {
 }
 
 phase_warmup() {
+    # NB: from /, so that the build in the work folder is imported, not the
+    # checkout's pymatting_ext folder.
+    cd / || return 1
+    require_build || return 1
+    [ "$GPU" = 1 ] || export TRITON_INTERPRET=1
     "$PY" - <<'EOF'
 import time
 import torch
 from pymatting_ext import triton_kernels
-device = "cuda" if torch.cuda.is_available() else "cpu"
-for dtype in (torch.float32, torch.float16, torch.bfloat16):
+if torch.cuda.is_available():
+    device, dtypes, kw = "cuda", (torch.float32, torch.float16, torch.bfloat16), {}
+else:  # the interpreter compiles nothing: one small pass, to rehearse the call
+    device, dtypes, kw = "cpu", (torch.float32,), dict(modes=("sampling",), epilogue=False)
+for dtype in dtypes:
     t0 = time.perf_counter()
-    counts = triton_kernels.warmup(device, dtype)
+    counts = triton_kernels.warmup(device, dtype, **kw)
     print(f"{dtype}: {time.perf_counter() - t0:.1f} s, compiled variants {counts or '(interpreter: none)'}")
 EOF
 }
@@ -305,12 +328,13 @@ phase_tests() {
     # case of the other files whose name says cuda (their device parameter);
     # not the fused file (run first, alone), the DDP file (its own phase), the
     # host harness (CPU only) or the heavy cases (part3).
-    pytest_phase tests -n "$WORKERS" -k "cuda or test_gpu" -m "not gpu_extra and not cuda_host" \
+    pytest_phase tests $(xdist) -k "cuda or test_gpu" -m "not gpu_extra and not cuda_host" \
         --ignore=test_fused.py --ignore=test_ddp.py .
 }
 
 phase_sanitize() {
     cd "$ROOT/tests" || return 1
+    require_build || return 1
     if [ "$GPU" != 1 ]; then
         echo "no GPU: the harness alone, on the CPU kernels"
         "$PY" sanitize_cases.py ops cpu && "$PY" sanitize_cases.py select cpu
@@ -352,17 +376,18 @@ phase_ddp() {
 phase_bench() {
     # The scripts' own limits, inside the phase's: each one that hangs leaves
     # the others their time.
+    require_build || return 1
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
     REFINER_TIMEOUT=${REFINER_TIMEOUT:-70} OPS_TIMEOUT=${OPS_TIMEOUT:-45} TILING_TIMEOUT=${TILING_TIMEOUT:-25} \
         MEMORY_TIMEOUT=${MEMORY_TIMEOUT:-25} bash "$ROOT/benchmarks/run_device.sh" "$WORK/bench" ${BENCH_ARGS:-}
 }
 
 phase_extra() {
-    pytest_phase extra -n "$WORKERS" -m gpu_extra .
+    pytest_phase extra $(xdist) -m gpu_extra .
 }
 
 export -f phase_env phase_deps phase_build phase_fused phase_warmup phase_tests phase_sanitize phase_ddp \
-    phase_bench phase_extra sanitizer require_upstream pytest_phase
+    phase_bench phase_extra sanitizer require_build require_upstream pytest_phase xdist
 export ROOT WORK LOGS PY GPU NPROC WORKERS
 
 echo "gpu_check: GPU=$GPU, $NPROC cores, phases: ${PHASES[*]}, work folder $WORK, deadline $DEADLINE s"
