@@ -62,17 +62,7 @@
 # --settings HD" there).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-$ROOT/build/gpu_check_out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-WORK=${GPU_CHECK_WORK:-$ROOT/build/gpu_check}
-LOGS=$WORK/logs
-mkdir -p "$LOGS" "$WORK/site" "$WORK/pkg" "$WORK/bench"
-WORK=$(cd "$WORK" && pwd)
-PY=${PYTHON:-python3}
 DEADLINE=${GPU_CHECK_DEADLINE:-540}
-START=$SECONDS
-
 # Named parts: the documented sequence of commands.
 declare -A PARTS=(
     [part1]="env deps build fused warmup tests"
@@ -83,6 +73,28 @@ declare -A LIMITS=(
     [env]=20 [deps]=25 [build]=180 [fused]=120 [warmup]=45 [tests]=150
     [sanitize]=90 [ddp]=60 [bench]=180 [extra]=240
 )
+# --plan: each part's phases and limits, and their sum against the deadline.
+if [ "${1:-}" = --plan ]; then
+    for part in part1 part2 part3; do
+        total=0 line=""
+        for phase in ${PARTS[$part]}; do
+            line+=" $phase ${LIMITS[$phase]}"
+            total=$((total + LIMITS[$phase]))
+        done
+        echo "$part:$line = $total s (deadline $DEADLINE s)"
+    done
+    exit 0
+fi
+OUT=${OUT:-$ROOT/build/gpu_check_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=${GPU_CHECK_WORK:-$ROOT/build/gpu_check}
+LOGS=$WORK/logs
+mkdir -p "$LOGS" "$WORK/site" "$WORK/pkg" "$WORK/bench"
+WORK=$(cd "$WORK" && pwd)
+PY=${PYTHON:-python3}
+START=$SECONDS
+
 PHASES=()
 for arg in ${*:-part1}; do
     if [ -n "${PARTS[$arg]:-}" ]; then
@@ -327,9 +339,10 @@ phase_tests() {
     # The GPU cases: everything in test_gpu.py and test_cuda.py, and every
     # case of the other files whose name says cuda (their device parameter);
     # not the fused file (run first, alone), the DDP file (its own phase), the
-    # host harness (CPU only) or the heavy cases (part3).
+    # host harness and this script's own test (CPU only) or the heavy cases
+    # (part3).
     pytest_phase tests $(xdist) -k "cuda or test_gpu" -m "not gpu_extra and not cuda_host" \
-        --ignore=test_fused.py --ignore=test_ddp.py .
+        --ignore=test_fused.py --ignore=test_ddp.py --ignore=test_gpu_check.py .
 }
 
 phase_sanitize() {
