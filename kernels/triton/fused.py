@@ -32,25 +32,34 @@ conv2 and conv3). The nearest upsample before conv3 is one more row gather.
 NB: tl.gather, not a scratch buffer in global memory: it exists in the
 Tritons in use (3.6 on the GPU machine, 3.8 in CI: the kernel compiles for
 sm_90 with both, and both interpreters run it), needs no barrier, no
-allocation and no
-bound on the grid, and keeps the shifted rows on the SM: with one patch (64
-rows) a program, Triton gives the gather a layout in which a warp holds all
-64 rows of its columns and lowers it to warp shuffles (each tap's dot
-result goes to that layout through shared memory: the one layout
-conversion a tap, as the sm_90 TTGIR shows; tests/test_triton_compile.py
-checks it). A global scratch buffer
-would be written and re-read through L2 nine times per layer, with a
-__syncthreads between, and could race if a barrier were misplaced (which
-the interpreter cannot show).
+allocation and no bound on the grid, and keeps the shifted rows on the SM:
+with one patch (64 rows) a program, Triton gives the gather a layout in
+which a warp holds all 64 rows of its columns and lowers it to warp
+shuffles (each tap's dot result goes to that layout through shared
+memory: the one layout conversion a tap, as the sm_90 TTGIR shows;
+tests/test_triton_compile.py checks it). A global scratch buffer would be written and re-read through
+L2 nine times per layer, with a __syncthreads between, and could race if
+a barrier were misplaced (which the interpreter cannot show).
 
 Channels are padded to powers of two: crop 1 is sampled as hid [rows, 32]
 and the rest [rows, 16] (pha, fgr, src/2, bgr/2, six zeros), and conv1
 takes them as one [rows, 64] operand (16 more zeros; see _cat_columns),
 conv1 out 24 -> 32, conv2 out 16, conv3 in 16 (upsampled) + 16 (crop 2:
 src, bgr, ten zeros) as one [rows, 32] operand, conv3 out 12 -> 16, conv4
-out 4 -> 16. The weights are read
-straight from the folded (C_out, C_in, k, k) tensors, tap by tap, with
-masks for the padding (no packed copy to cache or rebuild).
+out 4 -> 16. The weights are read straight from the folded (C_out, C_in, k,
+k) tensors, tap by tap, with masks for the padding (no packed copy to cache
+or rebuild); Triton stages each tap's tile through shared memory (float32:
+a 3-deep cp.async ring, overlapping the previous taps' dots).
+
+NB: so each program reads all the weights, 61 KB in float32 (31 KB in
+float16), more than its crops (45 KB in float32). Kept in shared memory for a
+persistent program's whole run instead, they take 117 KB (float32, the
+dots' padded tiles) and the taps must be unrolled (Triton cannot index
+shared memory by a loop variable): compiled for sm_90 that spilled (2 KB at
+255 registers in float32, 208 bytes in float16) and fits one program per SM
+in float32 instead of two. Several patches a program (BLOCK_P) share the
+reads instead, at a cost in registers: benchmarks/bench_fused_tiling.py
+times which tiling wins.
 
 Rounding follows the unfused path: the bilinear samples are rounded to the
 inputs' dtype (as the crop op writes them), each layer's activations are
