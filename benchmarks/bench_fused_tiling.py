@@ -81,8 +81,12 @@ def compiled_resources(kernel, before):
         for key, compiled in cache.items():
             if key in before:
                 continue
-            compiled._init_handles()
-            return {"n_regs": compiled.n_regs, "n_spills": compiled.n_spills, "shared": compiled.metadata.shared}
+            try:  # Triton's own attributes, loaded with the kernel
+                compiled._init_handles()
+                return {"n_regs": compiled.n_regs, "n_spills": compiled.n_spills,
+                        "shared": compiled.metadata.shared}
+            except (AttributeError, RuntimeError) as exc:  # another Triton: the timing still stands
+                return {"resources_error": f"{type(exc).__name__}: {exc}"[:200]}
     return {}
 
 
@@ -164,7 +168,7 @@ def run_dtype(args, device, dtype_name, repeat, warmup, deadline):
                 rows.append(row)
                 slowest = max(slowest, time.monotonic() - t0)
                 regs = f", {resources['n_regs']} registers, {resources['n_spills']} spilled, " \
-                       f"{resources['shared']} B shared" if resources else ""
+                       f"{resources['shared']} B shared" if "n_regs" in resources else ""
                 out(f"{key} BLOCK_P={bp} num_warps={nw}: {timing['median_ms']:.4f} ms "
                     f"(IQR {timing['iqr_ms']:.4f}){regs}, first call {first_s:.1f} s, "
                     f"max |diff| vs default {diff:.2e}")
