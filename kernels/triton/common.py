@@ -1,7 +1,9 @@
 """Helpers shared by the Triton kernels: how a kernel is launched (raw, or
-through torch's wrap_triton while an op is traced), the device guard, and the
-bilinear tap of PyTorch's align_corners=False resize."""
+through torch's wrap_triton while an op is traced), the compiler options
+every launch pins (FP_FUSION), the device guard, and the bilinear tap of
+PyTorch's align_corners=False resize."""
 import contextlib
+import functools
 
 import numpy as np
 import torch
@@ -31,6 +33,34 @@ def _traced(args) -> bool:
     return False
 
 
+#: Whether Triton may contract a multiply and an add into one fused
+#: multiply-add (its `enable_fp_fusion` compile option, True by default) in
+#: the kernels of crop, compose, replace and select: pinned False, passed by
+#: their launchers. Unfused, a compiled kernel rounds every product and sum
+#: as the interpreter does (numpy, no fusion), so the interpreter's
+#: bit-for-bit tests in CI hold for the GPU code too; so do the CPU kernels
+#: (AVX2 without FMA) and csrc/index_math.h's formulas. Fused, the source
+#: coordinate scale * (dst + 0.5) - 0.5 and the bilinear mix would round
+#: once instead of twice: weights an ulp apart, at an integer boundary a
+#: different tap, and bits no CPU run can reproduce. The kernels are bound
+#: by memory, so the few extra instructions cost nothing measurable.
+FP_FUSION = False
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_keeps_compile_options() -> bool:
+    """Whether torch.compile passes a Triton compile option given at a
+    launch (``kernel[grid](..., enable_fp_fusion=False)``) on to the
+    compiler: torch's Inductor validates and keeps them since it has
+    try_filter_backend_options_for_target; before, only num_warps and the
+    like were kept."""
+    try:
+        from torch._inductor.runtime import triton_helpers
+    except ImportError:  # pragma: no cover - torch without Inductor
+        return False
+    return hasattr(triton_helpers, "try_filter_backend_options_for_target")
+
+
 class _Launch:
     __slots__ = ("kernel", "grid")
 
@@ -45,6 +75,11 @@ class _Launch:
                 # allocated, there is nothing to compute.
                 return None
             if _torch_wrap_triton is not None:
+                if not _torch_keeps_compile_options():
+                    # NB: an older torch would drop or reject the option in
+                    # the graph; its Inductor then compiles with Triton's
+                    # default (TRITON_DEFAULT_FP_FUSION).
+                    kwargs.pop("enable_fp_fusion", None)
                 return _torch_wrap_triton(self.kernel)[self.grid](*args, **kwargs)
         # NB: straight to Triton, never through torch's traceable wrapper:
         # outside a trace that wrapper runs the kernel through a
@@ -126,7 +161,11 @@ def block_size(gpu: int, interpreted: int) -> int:
 
 def linear_scale(in_size: int, out_size: int) -> float:
     """in/out as PyTorch computes it for a float32 resize: one correctly
-    rounded float32 division (a float32 kernel argument carries it exactly)."""
+    rounded float32 division (a float32 kernel argument carries it exactly).
+
+    NB: on the host, so it needs concrete sizes (torch.compile specialises
+    symbolic ones); crop and compose compute it in the kernel instead
+    (resize_scale)."""
     return float(np.float32(in_size) / np.float32(out_size))
 
 
@@ -150,6 +189,19 @@ def to_dtype(v, dtype: tl.constexpr):
         rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         v = tl.where(v != v, v, rounded.to(tl.float32, bitcast=True))
     return v.to(dtype)
+
+
+@triton.jit
+def resize_scale(in_size, out_size):
+    """in/out of a bilinear resize as PyTorch computes it in float32
+    (csrc/index_math.h's linear_scale, ATen's area_pixel_compute_scale):
+    both sizes rounded to float32, then one correctly rounded division.
+
+    NB: computed from the integer sizes in the kernel, so no launcher needs
+    a concrete size to make a float (torch.compile would specialise on it).
+    div_rn, not `/`: Triton compiles a float32 `/` to the approximate
+    div.full.f32 (2 ulp)."""
+    return tl.div_rn(in_size.to(tl.float32), out_size.to(tl.float32))
 
 
 @triton.jit
