@@ -7,6 +7,8 @@ from the earlier histograms), a count launch (keys above the k-th and ties
 with it, per chunk), and a write launch that takes, in row-major order,
 every key above it and the first (k - above) keys equal to it, writing idx,
 valid and ref with running prefix counts. No sort, no host synchronisation.
+The launches cover the batch slice by slice (at most _SLICE_IMAGES images,
+a grid axis of CUDA's 65,535 at most), with one slice's scratch reused.
 Thresholding: per-tile compare and count, a scan of the tile counts, one
 host read of the total, and an order-preserving write.
 """
@@ -14,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_size, check_dtype, device_guard, wrap_triton
+from .common import FP_FUSION, block_size, check_dtype, device_guard, known_empty, wrap_triton
 
 
 @triton.jit
@@ -92,12 +94,15 @@ def _radix_state(hist_b, k, PASSES: tl.constexpr, KEY_BITS: tl.constexpr):
     return prefix, rank
 
 
-@triton.jit(do_not_specialize=["n", "chunk", "k"])
-def _radix_histogram_kernel(err_ptr, hist_ptr, n, chunk, k, PASS: tl.constexpr, KEY_BITS: tl.constexpr,
+@triton.jit(do_not_specialize=["first", "n", "chunk", "k"])
+def _radix_histogram_kernel(err_ptr, hist_ptr, first, n, chunk, k, PASS: tl.constexpr, KEY_BITS: tl.constexpr,
                             BLOCK: tl.constexpr):
+    """Program (g, i): chunk g of image first + i, into the slice's
+    histograms hist[i][PASS]."""
     g = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    hist_b = hist_ptr + b * 4 * 256
+    i = tl.program_id(1).to(tl.int64)
+    b = i + first
+    hist_b = hist_ptr + i * 4 * 256
     prefix, _ = _radix_state(hist_b, k, PASS, KEY_BITS)
     # The bits of the digits chosen so far.
     high: tl.constexpr = (-1 << (KEY_BITS - 8 * PASS)) if PASS > 0 else 0
@@ -117,13 +122,15 @@ def _radix_histogram_kernel(err_ptr, hist_ptr, n, chunk, k, PASS: tl.constexpr, 
     tl.atomic_add(hist_b + PASS * 256 + bins, total.to(tl.int64), mask=(bins < 256) & (total != 0))
 
 
-@triton.jit(do_not_specialize=["n", "chunk", "k"])
-def _radix_count_kernel(err_ptr, hist_ptr, counts_ptr, n, chunk, k, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """counts[b][g] = (keys above the k-th largest, keys equal to it) in
-    program g's chunk (int32: a chunk's cells)."""
+@triton.jit(do_not_specialize=["first", "n", "chunk", "k"])
+def _radix_count_kernel(err_ptr, hist_ptr, counts_ptr, first, n, chunk, k, KEY_BITS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """counts[i][g] = (keys above the k-th largest, keys equal to it) in
+    chunk g of image first + i (int32: a chunk's cells)."""
     g = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    kth, _ = _radix_state(hist_ptr + b * 4 * 256, k, KEY_BITS // 8, KEY_BITS)
+    i = tl.program_id(1).to(tl.int64)
+    b = i + first
+    kth, _ = _radix_state(hist_ptr + i * 4 * 256, k, KEY_BITS // 8, KEY_BITS)
     row = err_ptr + b * n
     # NB: cell indices within an image in int32 (the launcher checks that
     # n + chunk fits).
@@ -137,27 +144,28 @@ def _radix_count_kernel(err_ptr, hist_ptr, counts_ptr, n, chunk, k, KEY_BITS: tl
         key = _order_key(tl.load(row + offs, mask=m, other=0.0), KEY_BITS)
         above += tl.sum(((key > kth) & m).to(tl.int32), axis=0)
         ties += tl.sum(((key == kth) & m).to(tl.int32), axis=0)
-    out = counts_ptr + (b * tl.num_programs(0) + g) * 2
+    out = counts_ptr + (i * tl.num_programs(0) + g) * 2
     tl.store(out, above)
     tl.store(out + 1, ties)
 
 
-@triton.jit(do_not_specialize=["n", "width", "chunk", "k"])
-def _radix_write_kernel(err_ptr, hist_ptr, counts_ptr, ref_ptr, idx_ptr, valid_ptr, n, width, chunk, k,
+@triton.jit(do_not_specialize=["first", "n", "width", "chunk", "k"])
+def _radix_write_kernel(err_ptr, hist_ptr, counts_ptr, ref_ptr, idx_ptr, valid_ptr, first, n, width, chunk, k,
                         PREVENT: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr,
                         GROUPS: tl.constexpr):
-    """Row j of image b is its j-th selected cell in row-major order: keys
-    above the k-th largest, and the first (k - above) keys equal to it.
-    Writes every element of ref (the caller does not clear it).
+    """Row j of image b = first + i is its j-th selected cell in row-major
+    order: keys above the k-th largest, and the first (k - above) keys
+    equal to it. Writes every element of ref (the caller does not clear it).
 
     Counts and positions within an image are int32 (they are at most n)."""
     g = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    kth, rank = _radix_state(hist_ptr + b * 4 * 256, k, KEY_BITS // 8, KEY_BITS)
+    i = tl.program_id(1).to(tl.int64)
+    b = i + first
+    kth, rank = _radix_state(hist_ptr + i * 4 * 256, k, KEY_BITS // 8, KEY_BITS)
     ties_needed = rank.to(tl.int32)
     # Keys above and ties in the chunks before this one.
     before = tl.arange(0, GROUPS)
-    counts_b = counts_ptr + b * tl.num_programs(0) * 2
+    counts_b = counts_ptr + i * tl.num_programs(0) * 2
     above = tl.sum(tl.load(counts_b + before * 2, mask=before < g, other=0), axis=0)
     tied = tl.sum(tl.load(counts_b + before * 2 + 1, mask=before < g, other=0), axis=0)
     row = err_ptr + b * n
@@ -196,15 +204,33 @@ def _radix_write_kernel(err_ptr, hist_ptr, counts_ptr, ref_ptr, idx_ptr, valid_p
 #: programs a launch aims at: several per SM of a large GPU (132 on an H100).
 _MAX_GROUPS = 1024
 _TARGET_PROGRAMS = 1024
+#: Images a launch covers at most: its grid's axis 1, which CUDA limits to
+#: 65,535. The scratch is sized for one slice (8 KiB of histograms an
+#: image: 32 MiB) and reused by the next.
+_SLICE_IMAGES = 4096
 
 
-def _chunking(B: int, N: int, block: int):
+def _chunking(B, N, block: int):
     """(chunk, groups): each image's N cells in `groups` chunks of `chunk`
-    (a multiple of block). HD (N = 129,600) gets 127 programs of one block
-    an image on the GPU, 4K 507."""
+    (a multiple of block), for launches of B images. HD (N = 129,600) gets
+    127 programs of one block an image on the GPU, 4K 507.
+
+    NB: sym_max, not max: N may be symbolic under torch.compile, and max
+    would guard on its value."""
     per_image = max(1, min(_MAX_GROUPS, triton.cdiv(_TARGET_PROGRAMS, max(B, 1))))
-    chunk = max(1, triton.cdiv(triton.cdiv(N, per_image), block)) * block
+    chunk = torch.sym_max(1, triton.cdiv(triton.cdiv(N, per_image), block)) * block
     return chunk, triton.cdiv(N, chunk)
+
+
+def launch_plan(B: int, N, block: int):
+    """(slice, chunk, groups): select_sampling's launches for B images of N
+    cells take the batch `slice` images at a time, on a (groups, images of
+    the slice) grid, with scratch for `slice` images. Every grid axis stays
+    in CUDA's limits (axis 0: 2^31 - 1, axis 1: 65,535) and the scratch is
+    the same for any B beyond a slice."""
+    images = min(B, _SLICE_IMAGES)
+    chunk, groups = _chunking(images, N, block)
+    return images, chunk, groups
 
 
 def select_sampling(err: torch.Tensor, k: int, prevent_oversampling: bool):
@@ -212,29 +238,33 @@ def select_sampling(err: torch.Tensor, k: int, prevent_oversampling: bool):
     e = err.contiguous()
     B, _, H, W = e.shape
     N = H * W
-    k = min(k, N)
+    k = torch.sym_min(k, N)
     idx = torch.empty((B * k, 3), dtype=torch.int64, device=e.device)
     valid = torch.empty((B * k,), dtype=torch.bool, device=e.device)
-    if B * k == 0:
+    if known_empty(B * k):
         return torch.zeros_like(e), idx, valid
     # The write kernel writes every element of ref.
     ref = torch.empty_like(e)
     block = block_size(1024, 8192)
-    chunk, groups = _chunking(B, N, block)
+    images, chunk, groups = launch_plan(B, N, block)
     if N + chunk >= 2 ** 31:
         raise ValueError(f"select_sampling: backend='triton' takes at most 2^31 cells an image, got {N}")
     key_bits = _key_bits(e.dtype)
-    grid = (groups, B)
     with device_guard(e.device):
-        hist = torch.zeros((B, 4, _BINS), dtype=torch.int64, device=e.device)
-        counts = torch.empty((B, groups, 2), dtype=torch.int32, device=e.device)
-        for d in range(key_bits // 8):
-            wrap_triton(_radix_histogram_kernel)[grid](e, hist, N, chunk, k, PASS=d, KEY_BITS=key_bits,
-                                                       BLOCK=block)
-        wrap_triton(_radix_count_kernel)[grid](e, hist, counts, N, chunk, k, KEY_BITS=key_bits, BLOCK=block)
-        wrap_triton(_radix_write_kernel)[grid](e, hist, counts, ref, idx, valid, N, W, chunk, k,
-                                               PREVENT=bool(prevent_oversampling), KEY_BITS=key_bits,
-                                               BLOCK=block, GROUPS=_MAX_GROUPS)
+        hist = torch.empty((images, 4, _BINS), dtype=torch.int64, device=e.device)
+        counts = torch.empty((images, groups, 2), dtype=torch.int32, device=e.device)
+        for first in range(0, B, images):
+            grid = (groups, min(images, B - first))
+            # Each slice's histograms start from zero (atomic adds).
+            hist.zero_()
+            for d in range(key_bits // 8):
+                wrap_triton(_radix_histogram_kernel)[grid](e, hist, first, N, chunk, k, PASS=d, KEY_BITS=key_bits,
+                                                           BLOCK=block, enable_fp_fusion=FP_FUSION)
+            wrap_triton(_radix_count_kernel)[grid](e, hist, counts, first, N, chunk, k, KEY_BITS=key_bits,
+                                                   BLOCK=block, enable_fp_fusion=FP_FUSION)
+            wrap_triton(_radix_write_kernel)[grid](e, hist, counts, ref, idx, valid, first, N, W, chunk, k,
+                                                   PREVENT=bool(prevent_oversampling), KEY_BITS=key_bits,
+                                                   BLOCK=block, GROUPS=_MAX_GROUPS, enable_fp_fusion=FP_FUSION)
     return ref, idx, valid
 
 
@@ -303,11 +333,13 @@ def select_thresholding(err: torch.Tensor, threshold: float):
     with device_guard(e.device):
         counts = torch.empty((tiles,), dtype=torch.int32, device=e.device)
         wrap_triton(_threshold_count_kernel)[(tiles,)](e, ref, counts, total, thr_key,
-                                                       KEY_BITS=_key_bits(e.dtype), BLOCK=block)
+                                                       KEY_BITS=_key_bits(e.dtype), BLOCK=block,
+                                                       enable_fp_fusion=FP_FUSION)
         ends = torch.cumsum(counts, 0, dtype=torch.int64)
         # NB: the one host synchronisation: the number of selected cells.
         count = int(ends[-1])
         idx = torch.empty((count, 3), dtype=torch.int64, device=e.device)
         if count > 0:
-            wrap_triton(_threshold_write_kernel)[(tiles,)](ref, ends, idx, total, H * W, W, BLOCK=block)
+            wrap_triton(_threshold_write_kernel)[(tiles,)](ref, ends, idx, total, H * W, W, BLOCK=block,
+                                                           enable_fp_fusion=FP_FUSION)
     return ref, idx
