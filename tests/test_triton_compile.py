@@ -78,8 +78,7 @@ def kernels():
             for cfg in _crop_configs():
                 out.append((Cr._crop_kernel,
                             {**ints(Cr._crop_kernel, itype), "idx_ptr": "*i64", "out_ptr": f"*{dt}",
-                             **{f"x{i}": f"*{dt}" for i in range(6)},
-                             **{f"{g}_scale_{a}": "fp32" for g in "ab" for a in "hw"}}, cfg))
+                             **{f"x{i}": f"*{dt}" for i in range(6)}}, cfg))
             out.append((Co._replace_kernel,
                         {**ints(Co._replace_kernel, itype), "x_ptr": f"*{dt}", "patch_ptr": f"*{dt}",
                          "cell_ptr": "*i32", "out_ptr": f"*{dt}"}, {"S": 4, "ROWS": 1, "BLOCK": 256}))
@@ -87,14 +86,13 @@ def kernels():
                 for epilogue in (True, False):
                     out.append((Co._compose_kernel,
                                 {**ints(Co._compose_kernel, itype), "coarse_ptr": f"*{dt}", "patch_ptr": f"*{dt}",
-                                 "cell_ptr": "*i32", "src_ptr": f"*{dt}", "out_ptr": f"*{dt}",
-                                 "scale_h": "fp32", "scale_w": "fp32"},
+                                 "cell_ptr": "*i32", "src_ptr": f"*{dt}", "out_ptr": f"*{dt}"},
                                 {"S": 4, "SAME": same, "EPILOGUE": epilogue, "ROUND": False, "ROWS": 1,
                                  "BLOCK": 256}))
         # Other patch sizes still compile (S is a constexpr).
         out.append((Co._compose_kernel,
                     {**ints(Co._compose_kernel, itype), "coarse_ptr": "*fp32", "patch_ptr": "*fp32",
-                     "cell_ptr": "*i32", "src_ptr": "*fp32", "out_ptr": "*fp32", "scale_h": "fp32", "scale_w": "fp32"},
+                     "cell_ptr": "*i32", "src_ptr": "*fp32", "out_ptr": "*fp32"},
                     {"S": 3, "SAME": False, "EPILOGUE": True, "ROUND": True, "ROWS": 1, "BLOCK": 256}))
         out.append((S._threshold_write_kernel,
                     {**ints(S._threshold_write_kernel, itype), "ref_ptr": "*fp32", "ends_ptr": "*i64",

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (check_dtype, clamp01, compiled, device_guard, known_empty, linear_mix, linear_scale,
-                     linear_tap, round_weights, to_dtype, wrap_triton)
+from .common import (FP_FUSION, check_dtype, clamp01, compiled, device_guard, known_empty, linear_mix,
+                     linear_tap, resize_scale, round_weights, to_dtype, wrap_triton)
 
 #: Grid axis 1 (images) is limited to 65535 programs by CUDA.
 _MAX_GRID_Y = 65535
@@ -43,13 +43,15 @@ def _cell_map_kernel(idx_ptr, valid_ptr, map_ptr, count, batch, cells_h, cells_w
 
 
 def _cell_map(idx, valid, batch, cells_h, cells_w, device):
-    cells = torch.full((batch * cells_h * cells_w,), -1, dtype=torch.int32, device=device)
     P = idx.shape[0]
+    # NB: the map holds patch numbers in int32.
+    torch._check(P < 2 ** 31, lambda: f"backend='triton' takes fewer than 2^31 idx rows, got {P}")
+    cells = torch.full((batch * cells_h * cells_w,), -1, dtype=torch.int32, device=device)
     if not known_empty(P):
         v = valid.contiguous() if valid is not None else idx
         wrap_triton(_cell_map_kernel)[(triton.cdiv(P, 1024),)](
             idx.contiguous(), v, cells, P, batch, cells_h, cells_w,
-            HAS_VALID=valid is not None, BLOCK=1024)
+            HAS_VALID=valid is not None, BLOCK=1024, enable_fp_fusion=FP_FUSION)
     return cells
 
 
@@ -97,6 +99,14 @@ def _replace_kernel(x_ptr, patch_ptr, cell_ptr, out_ptr, channels, height, width
         tl.store(out_at + c64 * soc, tl.where(has, pv, xv), mask=m)
 
 
+def _check_cells(op, H, W, s):
+    """The cell map has (H / s) x (W / s) cells, and every pixel looks its
+    cell up. NB: the raw ops are reachable without pymatting_ext.ops'
+    checks; these keep their reads inside the map."""
+    torch._check(H % s == 0, lambda: f"{op}: the height {H} must be divisible by the patch size {s}")
+    torch._check(W % s == 0, lambda: f"{op}: the width {W} must be divisible by the patch size {s}")
+
+
 def _tiling():
     """(ROWS, BLOCK) of the writing kernels: one row of 256 columns a program
     on the GPU; under the interpreter, whose cost is per program, more rows."""
@@ -108,6 +118,7 @@ def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
     check_dtype("replace", "x", x)
     B, C, H, W = x.shape
     s = patches.shape[-1]
+    _check_cells("replace", H, W, s)
     # In x's layout, as the C++ kernels (x.clone()).
     out = torch.empty_like(x)
     if out.numel() == 0:
@@ -119,7 +130,7 @@ def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
         for b0 in range(0, B, _MAX_GRID_Y):
             wrap_triton(_replace_kernel)[(triton.cdiv(H, rows) * x_blocks, min(B - b0, _MAX_GRID_Y))](
                 x, patches, cells, out, C, H, W, x_blocks, b0, *x.stride(), *patches.stride(), *out.stride(),
-                S=s, ROWS=rows, BLOCK=block)
+                S=s, ROWS=rows, BLOCK=block, enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -127,7 +138,7 @@ def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
                                "batch_offset", "scb", "scc", "sch", "scw", "spp", "spc", "sph", "spw",
                                "ssb", "ssc", "ssh"])
 def _compose_kernel(coarse_ptr, patch_ptr, cell_ptr, src_ptr, out_ptr, channels, height, width,
-                    coarse_h, coarse_w, scale_h, scale_w, x_blocks, batch_offset,
+                    coarse_h, coarse_w, x_blocks, batch_offset,
                     scb, scc, sch, scw, spp, spc, sph, spw, ssb, ssc, ssh, ssw,
                     S: tl.constexpr, SAME: tl.constexpr, EPILOGUE: tl.constexpr, ROUND: tl.constexpr,
                     ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -140,8 +151,8 @@ def _compose_kernel(coarse_ptr, patch_ptr, cell_ptr, src_ptr, out_ptr, channels,
         at = y.to(tl.int64) * sch + x.to(tl.int64) * scw
     else:
         # Row weights once per program, column weights once for all channels.
-        y0, y1, wy0, wy1 = linear_tap(y, coarse_h, scale_h, dtype, ROUND)
-        x0, x1, wx0, wx1 = linear_tap(x, coarse_w, scale_w, dtype, ROUND)
+        y0, y1, wy0, wy1 = linear_tap(y, coarse_h, resize_scale(coarse_h, height), dtype, ROUND)
+        x0, x1, wx0, wx1 = linear_tap(x, coarse_w, resize_scale(coarse_w, width), dtype, ROUND)
         r0 = y0.to(tl.int64) * sch
         r1 = y1.to(tl.int64) * sch
         c0 = x0.to(tl.int64) * scw
@@ -179,7 +190,8 @@ def compose(coarse: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
             src: Optional[torch.Tensor] = None) -> torch.Tensor:
     check_dtype("compose", "coarse", coarse)
     B, C = coarse.shape[:2]
-    out = torch.empty((B, C, int(size[0]), int(size[1])), dtype=coarse.dtype, device=coarse.device)
+    # NB: not int(size[i]): under torch.compile the sizes may be symbolic.
+    out = torch.empty((B, C, size[0], size[1]), dtype=coarse.dtype, device=coarse.device)
     _compose(coarse, patches, idx, valid, src, out)
     return out
 
@@ -203,6 +215,7 @@ def _compose(coarse, patches, idx, valid, src, out):
     B, C, Hc, Wc = coarse.shape
     H, W = out.shape[2], out.shape[3]
     s = patches.shape[-1]
+    _check_cells("compose", H, W, s)
     if out.numel() == 0:
         return
     src_t = src if src is not None else coarse
@@ -212,8 +225,7 @@ def _compose(coarse, patches, idx, valid, src, out):
         x_blocks = triton.cdiv(W, block)
         for b0 in range(0, B, _MAX_GRID_Y):
             wrap_triton(_compose_kernel)[(triton.cdiv(H, rows) * x_blocks, min(B - b0, _MAX_GRID_Y))](
-                coarse, patches, cells, src_t, out, C, H, W, Hc, Wc,
-                linear_scale(Hc, H), linear_scale(Wc, W), x_blocks, b0,
+                coarse, patches, cells, src_t, out, C, H, W, Hc, Wc, x_blocks, b0,
                 *coarse.stride(), *patches.stride(), *src_t.stride(),
                 S=s, SAME=(Hc, Wc) == (H, W), EPILOGUE=src is not None, ROUND=round_weights(coarse.device),
-                ROWS=rows, BLOCK=block)
+                ROWS=rows, BLOCK=block, enable_fp_fusion=FP_FUSION)

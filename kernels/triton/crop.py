@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (check_dtype, compiled, device_guard, known_empty, linear_mix, linear_scale, linear_tap,
-                     maybe_int64, round_weights, to_dtype, wrap_triton)
+from .common import (FP_FUSION, check_dtype, compiled, device_guard, known_empty, linear_mix, linear_tap,
+                     maybe_int64, resize_scale, round_weights, to_dtype, wrap_triton)
 
 _GROUPS = 2     # input sizes per launch
 _PER_GROUP = 3  # inputs per size per launch
@@ -75,16 +75,17 @@ def _crop_slot(x_ptr, sb, sc, sh, sw, channels, c_off, out_pix, pm, inside, b, y
 
 
 @triton.jit
-def _crop_group(N: tl.constexpr, RESAMPLE: tl.constexpr, in_h, in_w, scale_h, scale_w,
+def _crop_group(N: tl.constexpr, RESAMPLE: tl.constexpr, in_h, in_w, height, width,
                 p0, p0_sb, p0_sc, p0_sh, p0_sw, p0_c, p0_off,
                 p1, p1_sb, p1_sc, p1_sh, p1_sw, p1_c, p1_off,
                 p2, p2_sb, p2_sc, p2_sh, p2_sw, p2_c, p2_off,
                 out_pix, pm, inside, b, y, x, CB0: tl.constexpr, CB1: tl.constexpr, CB2: tl.constexpr,
                 ROUND: tl.constexpr, dtype: tl.constexpr):
-    """The N inputs of one size: the taps once, then each input's channels."""
+    """The N inputs of one size (in_h x in_w, resized to height x width):
+    the taps once, then each input's channels."""
     if RESAMPLE:
-        y0, y1, wy0, wy1 = linear_tap(y, in_h, scale_h, dtype, ROUND)
-        x0, x1, wx0, wx1 = linear_tap(x, in_w, scale_w, dtype, ROUND)
+        y0, y1, wy0, wy1 = linear_tap(y, in_h, resize_scale(in_h, height), dtype, ROUND)
+        x0, x1, wx0, wx1 = linear_tap(x, in_w, resize_scale(in_w, width), dtype, ROUND)
     else:
         y0, y1, wy0, wy1 = y, y, 1.0, 0.0
         x0, x1, wx0, wx1 = x, x, 1.0, 0.0
@@ -107,7 +108,7 @@ _SIZE_ARGS = ["n_pix", "pix_per_patch", "patch_w", "c_out", "stride", "padding",
 @triton.jit(do_not_specialize=_SIZE_ARGS + [f"x{i}_{a}" for i in range(_SLOTS) for a in _SLOT_ARGS])
 def _crop_kernel(idx_ptr, out_ptr, n_pix, pix_per_patch, patch_w, c_out, stride, padding, height, width,
                  batch, cells_h, cells_w,
-                 a_h, a_w, a_scale_h, a_scale_w, b_h, b_w, b_scale_h, b_scale_w,
+                 a_h, a_w, b_h, b_w,
                  x0, x0_sb, x0_sc, x0_sh, x0_sw, x0_c, x0_off,
                  x1, x1_sb, x1_sc, x1_sh, x1_sw, x1_c, x1_off,
                  x2, x2_sb, x2_sc, x2_sh, x2_sw, x2_c, x2_off,
@@ -144,13 +145,13 @@ def _crop_kernel(idx_ptr, out_ptr, n_pix, pix_per_patch, patch_w, c_out, stride,
     inside = ok & (y >= 0) & (y < height) & (x >= 0) & (x < width)
     out_pix = out_ptr + g.to(tl.int64) * c_out
     if NA > 0:
-        _crop_group(NA, RESAMPLE_A, a_h, a_w, a_scale_h, a_scale_w,
+        _crop_group(NA, RESAMPLE_A, a_h, a_w, height, width,
                     x0, x0_sb, x0_sc, x0_sh, x0_sw, x0_c, x0_off,
                     x1, x1_sb, x1_sc, x1_sh, x1_sw, x1_c, x1_off,
                     x2, x2_sb, x2_sc, x2_sh, x2_sw, x2_c, x2_off,
                     out_pix, pm, inside, b, y, x, CB0, CB1, CB2, ROUND, dtype)
     if NB > 0:
-        _crop_group(NB, RESAMPLE_B, b_h, b_w, b_scale_h, b_scale_w,
+        _crop_group(NB, RESAMPLE_B, b_h, b_w, height, width,
                     x3, x3_sb, x3_sc, x3_sh, x3_sw, x3_c, x3_off,
                     x4, x4_sb, x4_sc, x4_sh, x4_sw, x4_c, x4_off,
                     x5, x5_sb, x5_sc, x5_sh, x5_sw, x5_c, x5_off,
@@ -201,7 +202,7 @@ def _launch(inputs, idx, stride, padding, H, W, out, channel_offset):
         for gi, (size, members) in enumerate(launch):
             name = "AB"[gi]
             resample = size != (H, W)
-            group_args += [size[0], size[1], linear_scale(size[0], H), linear_scale(size[1], W)]
+            group_args += [size[0], size[1]]
             meta[f"N{name}"] = len(members)
             meta[f"RESAMPLE_{name}"] = bool(resample) and len(members) > 0
             for j in range(_PER_GROUP):
@@ -219,15 +220,16 @@ def _launch(inputs, idx, stride, padding, H, W, out, channel_offset):
         wrap_triton(_crop_kernel)[(triton.cdiv(n_pix, block),)](
             idx, out, n_pix, PH * PW, PW, C_out, stride, padding, H, W,
             B, triton.cdiv(H, stride), triton.cdiv(W, stride), *group_args, *slot_args,
-            ROUND=round_w, WIDE=maybe_int64(n_pix + block), BLOCK=block, **meta)
+            ROUND=round_w, WIDE=maybe_int64(n_pix + block), BLOCK=block, enable_fp_fusion=FP_FUSION, **meta)
 
 
 def crop(inputs: List[torch.Tensor], idx: torch.Tensor, stride: int, padding: int,
          image_size: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
     for i, t in enumerate(inputs):
         check_dtype("crop", f"inputs[{i}]", t)
-    H, W = int(image_size[0]), int(image_size[1])
-    PH, PW = int(patch_size[0]), int(patch_size[1])
+    # NB: sizes as given, not int(): under torch.compile they may be symbolic.
+    H, W = image_size[0], image_size[1]
+    PH, PW = patch_size[0], patch_size[1]
     C = sum(t.shape[1] for t in inputs)
     first = inputs[0]
     out = torch.empty((idx.shape[0], C, PH, PW), dtype=first.dtype, device=first.device,
@@ -259,6 +261,6 @@ def crop_into(inputs: List[torch.Tensor], idx: torch.Tensor, stride: int, paddin
                          f"{out.shape[1]}")
     torch._check(out.is_contiguous(memory_format=torch.channels_last),
                  lambda: "crop_into: out must be channels-last contiguous")
-    H, W = int(image_size[0]), int(image_size[1])
+    H, W = image_size[0], image_size[1]
     with device_guard(out.device):
         _launch(inputs, idx, stride, padding, H, W, out, channel_offset)
