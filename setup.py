@@ -323,7 +323,7 @@ def main():
                         "cli": CLI_REQUIRES,
                         # pymatting-ext export --format onnx, checked with onnxruntime.
                         "export": EXPORT_REQUIRES},
-        entry_points={"console_scripts": ["pymatting-ext = pymatting_ext.cli:main"]},
+        entry_points={"console_scripts": ["pymatting-ext = pymatting_ext.app.cli:main"]},
     )
 
 

@@ -32,8 +32,9 @@ sys.path.insert(0, HERE)
 from common import Contention, device_info, results_folder  # noqa: E402
 
 import pymatting_ext  # noqa: E402
-from pymatting_ext._app import build_model, pick_device  # noqa: E402
-from pymatting_ext.video import make_synthetic_inputs, open_frames  # noqa: E402
+from pymatting_ext.app.common import build_model, pick_device  # noqa: E402
+from pymatting_ext.app.sources import load_still, open_frames  # noqa: E402
+from pymatting_ext.app.synthetic import make_synthetic_inputs  # noqa: E402
 
 
 def main():
@@ -67,10 +68,8 @@ def main():
     pipeline_contention = contention.report()
 
     # The model alone on the same frames: decoding and conversion untimed.
-    from pymatting_ext.video import _load_still
-
     dtype = next(model.parameters()).dtype
-    bgr = _load_still(open_frames(background, "background"), device, dtype)
+    bgr = load_still(open_frames(background, "background"), device, dtype)
     src_frames = open_frames(source)
     compute = 0.0
     contention = Contention()

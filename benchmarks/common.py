@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import pymatting_ext
-from pymatting_ext.speed import device_name
+from pymatting_ext.app.speed import device_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

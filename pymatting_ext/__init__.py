@@ -36,7 +36,7 @@ def __getattr__(name):
     # NB: convert_video needs the cli extra (PyAV, tqdm, Pillow): imported on
     # first use, so that `import pymatting_ext` needs torch only.
     if name == "convert_video":
-        from .video import convert_video
+        from .app.pipeline import convert_video
         return convert_video
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -1,6 +1,6 @@
-"""python -m pymatting_ext: the pymatting-ext command (see cli.py)."""
+"""python -m pymatting_ext: the pymatting-ext command (see app/cli.py)."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

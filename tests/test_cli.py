@@ -23,9 +23,10 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import pymatting_ext as pm  # noqa: E402
-from pymatting_ext import cli  # noqa: E402
-from pymatting_ext._app import build_model  # noqa: E402
-from pymatting_ext.video import ConversionInterrupted, make_synthetic_inputs  # noqa: E402
+from pymatting_ext.app import cli  # noqa: E402
+from pymatting_ext.app.common import build_model  # noqa: E402
+from pymatting_ext.app.pipeline import ConversionInterrupted  # noqa: E402
+from pymatting_ext.app.synthetic import make_synthetic_inputs  # noqa: E402
 
 from helpers import random_bn_  # noqa: E402
 

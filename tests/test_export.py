@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("torchvision", reason="the models need torchvision")
 
 import pymatting_ext as pm  # noqa: E402
-from pymatting_ext import export  # noqa: E402
+from pymatting_ext.app import export  # noqa: E402
 
 from helpers import random_bn_  # noqa: E402
 

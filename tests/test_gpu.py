@@ -363,16 +363,16 @@ def test_convert_video_on_the_gpu_equals_the_model(tmp_path, cuda_graph):
     outputs on the same GPU, to within one 8-bit step."""
     np = pytest.importorskip("numpy")
     Image = pytest.importorskip("PIL.Image")
-    from pymatting_ext import video
+    from pymatting_ext.app import synthetic
     from pymatting_ext.models import MattingRefine
 
     H, W, frames = 180, 322, 5  # 322: padded to 324 and cropped back
-    background = video._synthetic_background(W, H)
+    background = synthetic._synthetic_background(W, H)
     Image.fromarray(background).save(tmp_path / "bgr.png")
     (tmp_path / "src").mkdir()
     decoded = []
     for i in range(frames):
-        frame = video._synthetic_frame(background, i / (frames - 1))
+        frame = synthetic._synthetic_frame(background, i / (frames - 1))
         Image.fromarray(frame).save(tmp_path / "src" / f"{i:03d}.png")
         decoded.append(frame)
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import List, Optional
 
-from ._app import UPSTREAM_DEFAULTS, UserError
+from .common import UPSTREAM_DEFAULTS, UserError
 
 PROG = "pymatting-ext"
 
@@ -34,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_options(p: argparse.ArgumentParser, *, refine_defaults: Optional[dict] = None,
                        precision_default: str = "fp32") -> None:
-    from .models import BACKBONES
+    from ..models import BACKBONES
 
     d = dict(UPSTREAM_DEFAULTS, **(refine_defaults or {}))
     g = p.add_argument_group("model (upstream's names and defaults)")
@@ -71,7 +71,7 @@ def _model_kwargs(args, prevent_oversampling: bool = True) -> dict:
 
 
 def _build(args, prevent_oversampling: bool = True):
-    from ._app import build_model
+    from .common import build_model
 
     model, info = build_model(**_model_kwargs(args, prevent_oversampling), backend=args.backend)
     if args.checkpoint is None:
@@ -92,7 +92,7 @@ def _resolution(values: List[str]):
 # -- matte -------------------------------------------------------------------------
 
 def _add_matte(sub) -> None:
-    from .video import OUTPUTS
+    from .pipeline import OUTPUTS
 
     p = sub.add_parser("matte", help="matte a video, an image or a folder of images",
                        description="Mattes SOURCE (a video, an image or a folder of images) against BACKGROUND "
@@ -128,8 +128,10 @@ def _add_matte(sub) -> None:
 
 
 def _run_matte(args) -> int:
-    from .video import ConversionInterrupted, check_codec, convert_video, open_frames
-    from ._app import pick_device
+    from .pipeline import ConversionInterrupted, convert_video
+    from .sinks import check_codec
+    from .sources import open_frames
+    from .common import pick_device
 
     # The cheap checks first, before a model is built (convert_video makes
     # them again).
@@ -197,11 +199,11 @@ def _add_speed(sub) -> None:
 
 def _run_speed(args) -> int:
     from . import speed
-    from ._app import pick_device
+    from .common import pick_device
 
     pick_device(args.device)
     if args.plot:
-        from ._app import require
+        from .common import require
         require("matplotlib", "--plot")
     resolutions = []
     for values in args.resolution or [["1920", "1080"]]:
@@ -258,13 +260,13 @@ def _add_export(sub) -> None:
 
 def _run_export(args) -> int:
     from . import export
-    from ._app import dtype_of, pick_device
+    from .common import dtype_of, pick_device
 
     w, h = _resolution(args.resolution)
     if w % 4 or h % 4 or w < 32 or h < 32:
         raise UserError(f"--resolution {w} {h}: width and height must be multiples of 4, at least 32")
     if args.format == "onnx":
-        from ._app import require
+        from .common import require
         require("onnx", "--format onnx")
         require("onnxscript", "--format onnx")
         if not args.no_validate:
@@ -322,8 +324,9 @@ def _add_demo(sub) -> None:
 
 def _run_demo(args) -> int:
     from . import speed
-    from ._app import build_model, pick_device
-    from .video import convert_video, make_synthetic_inputs
+    from .common import build_model, pick_device
+    from .pipeline import convert_video
+    from .synthetic import make_synthetic_inputs
 
     device = pick_device(args.device)
     w, h = _resolution(args.resolution)
@@ -369,7 +372,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return __version__
 
 

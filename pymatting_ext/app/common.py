@@ -11,8 +11,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["UserError", "require", "pick_device", "PRECISIONS", "dtype_of", "detect_backbone",
-           "load_state_dict", "build_model", "UPSTREAM_DEFAULTS"]
+__all__ = ["UserError", "require", "av_module", "pil_image", "numpy_module", "pick_device", "PRECISIONS",
+           "dtype_of", "detect_backbone", "load_state_dict", "build_model", "UPSTREAM_DEFAULTS"]
 
 
 class UserError(ValueError):
@@ -36,6 +36,20 @@ def require(module: str, why: str):
         extra = _EXTRA.get(module.split(".")[0], "cli")
         raise UserError(f"{why} needs {_PIP_NAME.get(module.split('.')[0], module)}, which is not installed "
                         f"({exc}); install it with `pip install 'pymatting_ext[{extra}]'`") from None
+
+
+def av_module(why: str = "reading and writing video"):
+    return require("av", why)
+
+
+def pil_image(why: str = "reading and writing images"):
+    require("PIL.Image", why)
+    from PIL import Image
+    return Image
+
+
+def numpy_module(why: str = "reading and writing frames"):
+    return require("numpy", why)
 
 
 # -- device and precision -------------------------------------------------------
@@ -186,7 +200,7 @@ def build_model(model_type: str = "mattingrefine", backbone: Optional[str] = Non
     backbone None: the checkpoint's (detected from its keys), else
     `default_backbone`. Returns (model, info) where info says what was
     loaded ('checkpoint': path or None, 'backbone': the backbone used)."""
-    from . import models
+    from .. import models
 
     if model_type not in ("mattingrefine", "mattingbase"):
         raise UserError(f"model type must be 'mattingrefine' or 'mattingbase', got {model_type!r}")

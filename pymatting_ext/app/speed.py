@@ -9,7 +9,7 @@ As upstream's speed test: random inputs, and refine_prevent_oversampling
 off, so that sampling mode always refines sample_pixels pixels (the same work
 for every backend whatever the random weights predict).
 
-    from pymatting_ext.speed import run_speed, format_table
+    from pymatting_ext.app.speed import run_speed, format_table
     report = run_speed(backbone="resnet50", resolutions=[(1920, 1080)])
     print(format_table(report))
 """
@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._app import UserError, build_model, dtype_of, pick_device, require
+from .common import UserError, build_model, dtype_of, pick_device, require
 
 __all__ = ["run_speed", "format_table", "save_json", "plot", "default_backends"]
 
@@ -41,7 +41,7 @@ def _upstream_class(model_type: str):
 def default_backends(device: torch.device, dtype: torch.dtype) -> List[str]:
     """upstream (if installed), then every compiled backend that runs on
     device (the reference where there is none)."""
-    from ._backend import compiled_backends
+    from .._backend import compiled_backends
 
     ours = compiled_backends(device, dtype) or ["reference"]
     return ([UPSTREAM] if _upstream_class("mattingrefine") is not None else []) + ours
@@ -77,7 +77,7 @@ def _capture(model: torch.nn.Module, src: torch.Tensor, bgr: torch.Tensor, warmu
     """The model captured in a CUDA graph (pymatting_ext.cuda_graph: its
     calls copy the inputs into the graph's and replay it), or raises if the
     model synchronises or cannot be captured."""
-    from .graphs import cuda_graph
+    from ..graphs import cuda_graph
 
     return cuda_graph(model, src, bgr, warmup=max(warmup, 2))
 
@@ -103,7 +103,7 @@ def run_speed(*, backbone: str = "resnet50", resolutions: Sequence[Tuple] = ((19
     resolutions: (W, H), or (W, H, backbone_scale), or (W, H,
     backbone_scale, refine_sample_pixels) to set those per resolution (as
     upstream's 4K setting: 0.125 and 320,000)."""
-    from ._backend import BACKENDS, resolve
+    from .._backend import BACKENDS, resolve
 
     dev = pick_device(device)
     dtype = dtype_of(precision)

@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._app import UserError, require
+from .common import UserError, require
 
 __all__ = ["export_torchscript", "export_aoti", "export_onnx", "FORMATS", "ONNX_MODES"]
 
@@ -147,7 +147,6 @@ def _summary(exc: BaseException) -> str:
             break
     first = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {first}"[:400]
-
 
 
 def _second_example(model: torch.nn.Module, example: Tuple[torch.Tensor, torch.Tensor]):
