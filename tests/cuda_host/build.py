@@ -5,8 +5,8 @@ wrappers and kernels of kernels/cuda/*.cu, unchanged), with runtime.cpp
 running them one fiber per GPU thread.
 
 The library is compiled once per machine and source state: it is cached under
-$PYMATTING_EXT_CUDA_HOST_CACHE (default ~/.cache/pymatting_ext/cuda_host)
-in a folder named by a hash of every source it reads, the flags, the compiler
+$PYMATTING_EXT_CUDA_HOST_CACHE (default ~/.cache/pymatting_ext/cuda_host),
+each object by a hash of its source, the headers, the flags, the compiler
 and torch. Concurrent builds (several test processes) wait on a file lock.
 
 Flags, and why:
@@ -48,9 +48,9 @@ KERNEL_FLAGS = ["-O1", "-ffp-contract=off", "-fsanitize=thread", "-fsanitize=ali
 RUNTIME_FLAGS = ["-O2"]
 
 
-def _includes():
-    dirs = [HERE, KERNELS, CSRC] + [Path(p) for p in cpp_extension.include_paths()]
+def _includes(kernels):
     import sysconfig
+    dirs = [HERE, kernels, CSRC] + [Path(p) for p in cpp_extension.include_paths()]
     dirs.append(Path(sysconfig.get_paths()["include"]))
     return [f"-I{d}" for d in dirs]
 
@@ -59,22 +59,15 @@ def _cxx():
     return os.environ.get("CXX", "g++")
 
 
-def _inputs():
-    files = sorted(set(HERE.rglob("*.cpp")) | set(HERE.rglob("*.h")) | set(HERE.rglob("*.cuh"))
-                   | set(KERNELS.glob("*.cu")) | set(KERNELS.glob("*.cuh")) | set(CSRC.rglob("*.h"))
-                   | {CSRC / "ops.cpp", Path(__file__).resolve()})
-    return files
-
-
-def source_hash():
+def _digest(*parts):
     h = hashlib.sha256()
-    for f in _inputs():
-        h.update(str(f.relative_to(ROOT)).encode())
-        h.update(f.read_bytes())
-    version = subprocess.run([_cxx(), "--version"], capture_output=True, text=True).stdout
-    for part in (COMMON, KERNEL_FLAGS, RUNTIME_FLAGS, [torch.__version__, version, sys.version]):
-        h.update(repr(part).encode())
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
     return h.hexdigest()[:16]
+
+
+def _files_digest(files):
+    return _digest(*(f.name.encode() + b"\0" + f.read_bytes() for f in sorted(files)))
 
 
 def cache_root():
@@ -82,37 +75,56 @@ def cache_root():
     return Path(os.environ.get("PYMATTING_EXT_CUDA_HOST_CACHE", default))
 
 
-def _compile(src, obj, flags):
-    cmd = [_cxx(), *COMMON, *flags, *_includes(), "-c", str(src), "-o", str(obj)]
+def _units(kernels):
+    """(source, the file whose content it compiles, flags) per object."""
+    # host_<op>.cpp compiles kernels/<op>.cu; host_checks.cpp is its own.
+    units = [(src, next((f for f in [kernels / (src.stem[len("host_"):] + ".cu")] if f.exists()), src), KERNEL_FLAGS)
+             for src in KERNEL_UNITS]
+    units += [(HERE / "runtime.cpp", HERE / "runtime.cpp", RUNTIME_FLAGS), (CSRC / "ops.cpp", CSRC / "ops.cpp",
+                                                                               RUNTIME_FLAGS)]
+    # NB: the slowest unit first, so that two jobs finish together.
+    return sorted(units, key=lambda u: u[0].name != "host_select_kernel.cpp")
+
+
+def _compile(src, obj, flags, kernels):
+    cmd = [_cxx(), *COMMON, *flags, *_includes(kernels), "-c", str(src), "-o", str(obj) + ".tmp"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"compiling {src} for the CUDA host harness failed:\n{' '.join(cmd)}\n{done.stderr[-8000:]}")
+    os.replace(str(obj) + ".tmp", obj)
     return obj
 
 
-def build(jobs=None):
-    """The path of the harness library, compiled first if this source state
-    has no cached build."""
-    out = cache_root() / source_hash()
+def build(kernels=KERNELS, jobs=None):
+    """The path of the harness library for the kernel sources in `kernels`,
+    compiled first where this source state has no cached build. Objects are
+    cached one by one (a unit recompiles when its own source or a header
+    changes), the library by the set of its objects."""
+    kernels = Path(kernels)
+    version = subprocess.run([_cxx(), "--version"], capture_output=True, text=True).stdout
+    headers = (set(HERE.rglob("*.h")) | set(HERE.rglob("*.cuh")) | set(kernels.glob("*.cuh"))
+               | set(CSRC.rglob("*.h")))
+    common = _digest(_files_digest(headers), COMMON, torch.__version__, version, sys.version)
+    root = cache_root()
+    objs = [(src, root / "obj" / f"{src.stem}-{_digest(common, flags, own.read_bytes())}.o", flags)
+            for src, own, flags in _units(kernels)]
+    out = root / _digest(*(str(o) for _, o, _ in objs))
     lib = out / "libpymatting_ext_cuda_host.so"
     if lib.exists():
         return lib
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "lock", "w") as lock:
+    (root / "obj").mkdir(exist_ok=True)
+    with open(root / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if lib.exists():
             return lib
-        units = [(src, out / (src.stem + ".o"), KERNEL_FLAGS) for src in KERNEL_UNITS]
-        units += [(HERE / "runtime.cpp", out / "runtime.o", RUNTIME_FLAGS),
-                  (CSRC / "ops.cpp", out / "ops.o", RUNTIME_FLAGS)]
-        # NB: the slowest units first, so that two jobs finish together.
-        units.sort(key=lambda u: u[0].name != "host_select_kernel.cpp")
+        todo = [u for u in objs if not u[1].exists()]
         with ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:
-            objs = list(pool.map(lambda u: _compile(*u), units))
+            list(pool.map(lambda u: _compile(*u, kernels), todo))
         libdir = Path(torch.__file__).parent / "lib"
         tmp = out / "lib.so.tmp"
-        cmd = [_cxx(), "-shared", "-o", str(tmp), *map(str, objs), f"-L{libdir}", "-lc10", "-ltorch_cpu",
-               f"-Wl,-rpath,{libdir}"]
+        cmd = [_cxx(), "-shared", "-o", str(tmp), *(str(o) for _, o, _ in objs), f"-L{libdir}", "-lc10",
+               "-ltorch_cpu", f"-Wl,-rpath,{libdir}"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"linking the CUDA host harness failed:\n{' '.join(cmd)}\n{done.stderr[-8000:]}")
@@ -133,4 +145,4 @@ def load():
 
 
 if __name__ == "__main__":
-    print(build())
+    print(build(*sys.argv[1:2]))

@@ -106,14 +106,26 @@ void launch(dim3 grid, dim3 block, size_t smem, const Args&... args) {
 #define blockDim (::pmx_host::block_dim())
 #define gridDim (::pmx_host::grid_dim())
 
-inline void __syncthreads() { ::pmx_host::syncthreads(); }
+// NB: the compiler barriers keep g++ from moving shared-memory accesses
+// across a barrier or a collective: a function-local static whose address
+// never escapes is otherwise assumed untouched by the runtime's calls.
+#define PMX_COMPILER_BARRIER() asm volatile("" ::: "memory")
+
+inline void __syncthreads() {
+  PMX_COMPILER_BARRIER();
+  ::pmx_host::syncthreads();
+  PMX_COMPILER_BARRIER();
+}
 
 template <typename T>
 inline unsigned __match_any_sync(unsigned mask, T value) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "__match_any_sync: 32- or 64-bit values");
   uint64_t bits = 0;
   __builtin_memcpy(&bits, &value, sizeof(T));
-  return ::pmx_host::match_any(mask, bits);
+  PMX_COMPILER_BARRIER();
+  const unsigned peers = ::pmx_host::match_any(mask, bits);
+  PMX_COMPILER_BARRIER();
+  return peers;
 }
 
 inline int __popc(unsigned x) { return __builtin_popcount(x); }

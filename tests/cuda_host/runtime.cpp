@@ -24,6 +24,8 @@
 //   collective of that warp completed in between (it synchronises them).
 //   Two atomics do not race with each other; an atomic and a plain access
 //   do.
+//   A read of a shared byte that no thread of the block has written is an
+//   error too (shared memory is undefined when a block starts).
 // - Misaligned accesses (-fsanitize=alignment, handler defined here): a
 //   vector type's alignment is its size, as on the GPU.
 // Errors name the kernel, the block and the thread, and make the launch
@@ -165,6 +167,10 @@ struct Launch {
   std::vector<WarpOp> warps;
   bool failed = false;
   std::string error;
+  // Set while the runtime itself runs on a fiber: inline library code it
+  // calls may be the kernel units' instrumented copy (one copy is linked),
+  // whose accesses are not the kernel's.
+  bool in_runtime = false;
 
   Range stacks{0, 0}, tls{0, 0}, dyn{0, 0}, param{0, 0};
   std::vector<Range> allocs;  // sorted
@@ -224,7 +230,16 @@ std::string where(const Launch& L, int tid) {
   return s.str();
 }
 
+// Marks the runtime's own work on a fiber (see Launch::in_runtime).
+struct RuntimeScope {
+  Launch& L;
+  bool saved;
+  explicit RuntimeScope(Launch& l) : L(l), saved(l.in_runtime) { L.in_runtime = true; }
+  ~RuntimeScope() { L.in_runtime = saved; }
+};
+
 [[noreturn]] void fail_in_fiber(Launch& L, const std::string& what) {
+  L.in_runtime = true;
   L.failed = true;
   L.error = what + " (" + where(L, L.current) + ")";
   Fiber& f = L.fibers[L.current];
@@ -260,6 +275,16 @@ void shadow_access(Launch& L, std::vector<Shadow>& shadow, uintptr_t base, const
   const uint32_t sync_now = L.warp_sync[unsigned(t) / kWarp];
   for (size_t i = 0; i < n; ++i) {
     Shadow& s = shadow[addr - base + i];
+    if (!write || atomic) {
+      // Shared memory starts undefined in every block (here it holds the
+      // previous block's values).
+      if ((s.w_key >> 24) != L.serial) {
+        std::ostringstream m;
+        m << "read of uninitialized " << region << " shared byte " << (addr + i - base)
+          << ": no thread of this block has written it";
+        fail_in_fiber(L, m.str());
+      }
+    }
     if (s.w_key == key && s.w_tid != t && !(atomic && s.w_atomic) && !warp_ordered(L, s.w_tid, s.w_sync, t)) {
       race(L, write ? "a write after a write" : "a read after a write", s.w_tid, addr + i, region, base);
     }
@@ -336,7 +361,8 @@ void check_access(Launch& L, uintptr_t a, size_t n, bool write, bool atomic) {
 
 inline void on_access(const void* p, size_t n, bool write) {
   Launch* L = tl_launch;
-  if (L != nullptr && L->current >= 0 && !L->failed) {
+  if (L != nullptr && L->current >= 0 && !L->in_runtime) {
+    RuntimeScope scope(*L);
     check_access(*L, reinterpret_cast<uintptr_t>(p), n, write, false);
   }
 }
@@ -522,6 +548,7 @@ void syncthreads() {
 
 unsigned match_any(unsigned mask, uint64_t value) {
   Launch& L = kernel_launch();
+  RuntimeScope scope(L);
   const unsigned t = unsigned(L.current), w = t / kWarp, lane = t % kWarp;
   const unsigned lanes = std::min(kWarp, L.nthreads - w * kWarp);
   const unsigned present = lanes == kWarp ? ~0u : ((1u << lanes) - 1u);
@@ -576,12 +603,15 @@ unsigned match_any(unsigned mask, uint64_t value) {
   }
   Fiber& f = L.fibers[t];
   f.state = State::kWarp;
+  L.in_runtime = false;  // the other fibers run kernel code meanwhile
   swapcontext(&f.ctx, &L.sched);
+  L.in_runtime = true;
   return op.result[lane];
 }
 
 void device_assert(const char* msg, const char* file, int line) {
   Launch& L = kernel_launch();
+  RuntimeScope scope(L);
   std::ostringstream s;
   s << "device-side assertion failed: " << msg << " (" << file << ":" << line << ")";
   fail_in_fiber(L, s.str());
@@ -589,6 +619,7 @@ void device_assert(const char* msg, const char* file, int line) {
 
 unsigned atomic_add(unsigned* p, unsigned v) {
   Launch& L = kernel_launch();
+  RuntimeScope scope(L);
   check_access(L, reinterpret_cast<uintptr_t>(p), sizeof(*p), true, true);
   const unsigned old = *p;
   *p = old + v;
@@ -597,6 +628,7 @@ unsigned atomic_add(unsigned* p, unsigned v) {
 
 unsigned long long atomic_add(unsigned long long* p, unsigned long long v) {
   Launch& L = kernel_launch();
+  RuntimeScope scope(L);
   check_access(L, reinterpret_cast<uintptr_t>(p), sizeof(*p), true, true);
   const unsigned long long old = *p;
   *p = old + v;
@@ -605,6 +637,7 @@ unsigned long long atomic_add(unsigned long long* p, unsigned long long v) {
 
 int atomic_max(int* p, int v) {
   Launch& L = kernel_launch();
+  RuntimeScope scope(L);
   check_access(L, reinterpret_cast<uintptr_t>(p), sizeof(*p), true, true);
   const int old = *p;
   *p = std::max(old, v);
@@ -786,10 +819,13 @@ struct PmxTypeMismatchData {
 };
 
 void __ubsan_handle_type_mismatch_v1_abort(PmxTypeMismatchData* d, uintptr_t ptr) {
+  pmx_host::Launch* L = pmx_host::tl_launch;
+  if (L != nullptr && L->current >= 0) {
+    L->in_runtime = true;  // for good: the fiber is not resumed
+  }
   std::ostringstream s;
   s << "misaligned access: " << d->type->name << " at 0x" << std::hex << ptr << std::dec << " needs "
     << (1u << d->log_alignment) << "-byte alignment (" << d->loc.file << ":" << d->loc.line << ")";
-  pmx_host::Launch* L = pmx_host::tl_launch;
   if (L != nullptr && L->current >= 0) {
     pmx_host::fail_in_fiber(*L, s.str());
   }

@@ -379,8 +379,39 @@ def test_kernel_report_lists_every_global_kernel(host, tmp_path, monkeypatch):
 
 # -- the harness's checks, on planted defects ----------------------------------
 
-def test_launch_limits_are_checked(host):
-    # A launch with no blocks is the driver's cudaErrorInvalidConfiguration;
-    # the ops never make one (an empty err returns before launching).
-    err = torch.rand(1, 1, 3, 3)
-    assert host.select_thresholding(err[:0], 0.5)[1].shape == (0, 3)
+CHECKS = {
+    # host_checks.cpp's case: the error it must raise (None: runs clean).
+    "divergent_barrier": r"barrier divergence: thread 0 .* waits at __syncthreads, which thread 3 never reaches: "
+                         r"it has exited \(in divergent_barrier, block \(0, 0, 0\)",
+    "mask_without_caller": r"__match_any_sync: the mask 0xfffffffe leaves out the calling lane 0 "
+                           r"\(in mask_without_caller, block \(0, 0, 0\), thread \(0, 0, 0\)\)",
+    "mask_names_exited_lane": r"__match_any_sync: the mask 0xffffffff names lane 5, which has exited .*thread \(6, 0, 0\)",
+    "warp_ordered": None,
+    "across_warps": r"shared memory race: a read after a write of static shared byte \d+ by this thread and thread 31 "
+                    r".*thread \(63, 0, 0\)",
+    "write_after_read": r"shared memory race: a write after a read .* block \(0, 0, 0\), thread \(1, 0, 0\)",
+    "temp_storage_reuse": r"shared memory race: a write after a read .*temp_storage_reuse<false>",
+    "temp_storage_barrier": None,
+    "uninitialized_shared": r"read of uninitialized static shared byte \d+: no thread of this block has written it",
+    "global_off_by_one": r"out-of-bounds global write of 4 bytes at byte 512 of an allocation of 512 bytes",
+    "dynamic_shared_off_by_one": r"out-of-bounds dynamic shared memory write of 4 bytes at byte 256 of the launch's 256 "
+                                 r".*thread \(63, 0, 0\)",
+    "misaligned_vector_store": r"misaligned access: 'struct uint4' at 0x[0-9a-f]+ needs 16-byte alignment",
+    "block_too_large": r"invalid launch: block \(1025, 1, 1\)",
+    "grid_y_too_large": r"invalid launch: grid \(1, 65536, 1\)",
+    "shared_too_large": r"invalid launch: 49156 bytes of dynamic shared memory",
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKS))
+def test_each_check_catches_its_planted_defect(host, case):
+    buf = torch.zeros(128)
+    if CHECKS[case] is None:
+        host.check_case(case, buf)
+    else:
+        with pytest.raises(RuntimeError, match="pymatting_ext CUDA host harness: .*" + CHECKS[case]):
+            host.check_case(case, buf)
+    # A failed launch leaves the harness usable.
+    err = torch.rand(1, 1, 5, 7)
+    for g, w in zip(host.select_thresholding(err, 0.5), cpu_ops.select_thresholding(err, 0.5)):
+        assert_same(g, w)
