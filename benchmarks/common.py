@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import pymatting_ext
-from pymatting_ext.app.speed import device_name
+from pymatting_ext.app.speed import call_times, device_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,26 +56,6 @@ def summarize(times):
             "repeat": len(times), "times_ms": [round(t, 4) for t in times]}
 
 
-def _call_times(fn, device, repeat):
-    """ms of each of ``repeat`` calls of fn (see timeit)."""
-    times = []
-    if is_cuda(device):
-        for _ in range(repeat):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def timeit(fn, device, warmup=2, repeat=7):
     """Median, IQR (q3 - q1) and minimum of fn's time in ms over ``repeat``
     calls after ``warmup`` untimed ones.
@@ -95,7 +75,7 @@ def timeit(fn, device, warmup=2, repeat=7):
     for _ in range(warmup):
         fn()
     sync(device)
-    return summarize(_call_times(fn, device, repeat))
+    return summarize(call_times(fn, device, repeat))
 
 
 def timeit_rounds(fns, device, warmup=2, repeat=7, rounds=1):
@@ -119,7 +99,7 @@ def timeit_rounds(fns, device, warmup=2, repeat=7, rounds=1):
                 fn()
             sync(device)
             before = minor_faults()
-            times[label] += _call_times(fn, device, per_round)
+            times[label] += call_times(fn, device, per_round)
             if before is not None:
                 faults[label] += minor_faults() - before
     out = {label: summarize(t) for label, t in times.items()}

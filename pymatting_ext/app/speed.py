@@ -52,15 +52,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _times(fn: Callable[[], object], device: torch.device, warmup: int, iterations: int) -> List[float]:
-    """ms of each of `iterations` calls of fn after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
+def call_times(fn: Callable[[], object], device: torch.device, iterations: int) -> List[float]:
+    """ms of each of `iterations` calls of fn: CUDA events around each call
+    on a GPU (the device idle before each), the wall clock on a CPU. The
+    benchmarks time with this too."""
     times = []
     for _ in range(iterations):
-        if device.type == "cuda":
+        if torch.device(device).type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
             start.record()
             fn()
             end.record()
@@ -71,6 +71,14 @@ def _times(fn: Callable[[], object], device: torch.device, warmup: int, iteratio
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def _times(fn: Callable[[], object], device: torch.device, warmup: int, iterations: int) -> List[float]:
+    """ms of each of `iterations` calls of fn after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    return call_times(fn, device, iterations)
 
 
 def _capture(model: torch.nn.Module, src: torch.Tensor, bgr: torch.Tensor, warmup: int):
