@@ -38,7 +38,7 @@ from pymatting_ext.models import MattingRefine
 
 from conftest import needs_cuda
 # (_one_thread: an autouse fixture, one thread while this module's tests run.)
-from test_models import _one_thread, check_matting, check_preconditions, upstream_refine  # noqa: F401
+from test_models import FLOAT64_TOL, _one_thread, check_matting, check_preconditions, upstream_refine  # noqa: F401
 
 upstream = pytest.importorskip("BackgroundMattingV2.model")
 
@@ -176,25 +176,29 @@ def _train(rank, cfg):
                               "outputs": [t.detach().cpu() for t in out]})
             result[name] = {"state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                             "steps": steps}
-        if cfg["sync_bn_error"]:
-            result["sync_bn_error"] = _sync_bn_errors(state, device)
+        if cfg["sync_bn_checks"]:
+            result["sync_bn"] = _sync_bn_checks(state, device)
         torch.save(result, os.path.join(cfg["out"], f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _sync_bn_errors(state, device):
-    """{model: the ValueError's message a SyncBatchNorm-converted model in
-    training mode raises in this process group, or None}."""
-    errors = {}
+def _sync_bn_checks(state, device):
+    """{model: (the message of the ValueError a SyncBatchNorm-converted model
+    in training mode raises in this process group, or None; its outputs in
+    eval mode, as upstream's validation step runs it)}."""
+    checks = {}
+    x = training_batch(dist.get_rank(), 0, next(iter(state.values())).dtype, device)[2:]
     for name, cls in MODELS.items():
         model = build(cls, state, device, sync_bn=True)
         try:
-            model(*training_batch(0, 0, next(model.parameters()).dtype, device)[2:])
-            errors[name] = None
+            model(*x)
+            error = None
         except ValueError as exc:
-            errors[name] = str(exc)
-    return errors
+            error = str(exc)
+        with torch.no_grad():
+            checks[name] = error, [t.cpu() for t in model.eval()(*x)]
+    return checks
 
 
 def run_distributed(tmp_path, world, deadline_s, state, **cfg):
@@ -265,7 +269,7 @@ def check_same_training(ranks, state, out_atol, loss_rtol, update_rtol, global_r
 
 def test_ddp_on_gloo_matches_upstream_float64(tmp_path):
     state = initial_state(torch.float64)
-    ranks = run_distributed(tmp_path, 2, 240, state, backend="gloo", amp=None, sync_bn=False, sync_bn_error=True,
+    ranks = run_distributed(tmp_path, 2, 240, state, backend="gloo", amp=None, sync_bn=False, sync_bn_checks=True,
                             sample_pixels=SAMPLE_PIXELS, steps=3, init_scale=1.0)
     probe = build(upstream.MattingRefine, state, "cpu", False)
     for rank, result in enumerate(ranks):
@@ -285,11 +289,13 @@ def test_ddp_on_gloo_matches_upstream_float64(tmp_path):
             diff = float((ours[name].double() - value.double()).abs().max())
             assert diff <= 1e-9 * float(value.double().abs().max()), f"{name}: max abs diff {diff:.3g}"
     # SyncBatchNorm under a process group trains on GPUs only: on the CPU it
-    # raises, for upstream's model as for ours.
+    # raises, for upstream's model as for ours. In eval mode (upstream's
+    # validation) it is plain BatchNorm, and ours folds it.
     for result in ranks:
-        errors = result["sync_bn_error"]
-        assert errors["upstream"] and "SyncBatchNorm expected input tensor to be on GPU" in errors["upstream"]
-        assert errors["ours"] == errors["upstream"]
+        (up_error, up_out), (ours_error, ours_out) = result["sync_bn"]["upstream"], result["sync_bn"]["ours"]
+        assert up_error and "SyncBatchNorm expected input tensor to be on GPU" in up_error
+        assert ours_error == up_error
+        check_matting(up_out, ours_out, FLOAT64_TOL)
 
 
 #: AMP's bounds for one step. NB: these random weights are ill-conditioned
@@ -306,7 +312,7 @@ def test_ddp_on_gloo_with_amp_matches_upstream(tmp_path):
     # The GPU test's run without SyncBatchNorm: float16 autocast, GradScaler.
     state = initial_state(torch.float32)
     ranks = run_distributed(tmp_path, 2, 240, state, backend="gloo", amp=torch.float16, sync_bn=False,
-                            sync_bn_error=False, sample_pixels=ALL_CELLS, steps=1, init_scale=AMP_INIT_SCALE)
+                            sync_bn_checks=False, sample_pixels=ALL_CELLS, steps=1, init_scale=AMP_INIT_SCALE)
     check_same_training(ranks, state, scale=AMP_INIT_SCALE, **AMP_TOLERANCES)
 
 
@@ -395,5 +401,5 @@ def test_ddp_on_nccl_with_sync_batchnorm_and_amp_matches_upstream(tmp_path):
     world = min(2, torch.cuda.device_count())
     state = initial_state(torch.float32)
     ranks = run_distributed(tmp_path, world, 300, state, backend="nccl", amp=torch.float16, sync_bn=True,
-                            sync_bn_error=False, sample_pixels=ALL_CELLS, steps=1, init_scale=AMP_INIT_SCALE)
+                            sync_bn_checks=False, sample_pixels=ALL_CELLS, steps=1, init_scale=AMP_INIT_SCALE)
     check_same_training(ranks, state, scale=AMP_INIT_SCALE, **AMP_TOLERANCES)

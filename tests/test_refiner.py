@@ -389,6 +389,38 @@ def test_eval_fold_keeps_autograd_where_it_is_needed(monkeypatch):
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
+def test_eval_fold_on_sync_batchnorm(monkeypatch):
+    # nn.SyncBatchNorm.convert_sync_batchnorm (upstream's training recipe)
+    # puts new modules in bn1..bn3 that hold the same parameters and buffers:
+    # the fold made before still applies, the BatchNorm modules are never
+    # called in eval mode, and changes made through the new modules refold.
+    up, ours = pair("sampling", sample_pixels=16 * 40, prevent=False)
+    up.eval(), ours.eval()
+    x = inputs(2, 64, 96, 0.25)
+    folds, calls = [], []
+    real = pm.Refiner._fold_now
+    monkeypatch.setattr(pm.Refiner, "_fold_now", lambda self: folds.append(1) or real(self))
+    with torch.no_grad():
+        before = ours(*x)
+    up, ours = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (up, ours))
+    for name in ("bn1", "bn2", "bn3"):
+        assert type(getattr(ours, name)) is torch.nn.SyncBatchNorm
+        getattr(ours, name).register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        after = ours(*x)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert len(folds) == 1 and calls == []
+    with torch.no_grad():
+        for m in (up, ours):
+            m.bn3.running_mean.add_(0.1)
+        check_outputs(up(*x), ours(*x))
+    assert len(folds) == 2 and calls == []
+    up.bn1.eps = ours.bn1.eps = 1e-3
+    with torch.no_grad():
+        check_outputs(up(*x), ours(*x))
+    assert len(folds) == 3 and calls == []
+
+
 # -- bounded memory: patches in chunks ------------------------------------------
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
