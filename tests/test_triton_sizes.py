@@ -460,11 +460,11 @@ def _ops_at_size(err, hid, src, coarse_channels):
     return ref, idx, patches, out, again
 
 
-def _size_inputs(Hc, Wc, seed):
+def _size_inputs(B, Hc, Wc, seed):
     g = torch.Generator().manual_seed(seed)
-    err = torch.rand(2, 1, Hc, Wc, generator=g)
-    hid = torch.rand(2, 5, Hc, Wc, generator=g)
-    src = torch.rand(2, 3, 4 * Hc, 4 * Wc, generator=g)
+    err = torch.rand(B, 1, Hc, Wc, generator=g)
+    hid = torch.rand(B, 5, Hc, Wc, generator=g)
+    src = torch.rand(B, 3, 4 * Hc, 4 * Wc, generator=g)
     return err, hid, src, 4
 
 
@@ -476,11 +476,11 @@ def _check_dynamic_sizes():
     torch._dynamo.reset()
     compiled = torch.compile(_ops_at_size, backend="aot_eager", dynamic=True, fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for Hc, Wc, seed in ((9, 13, 0), (11, 17, 1), (6, 22, 2)):
-            args = _size_inputs(Hc, Wc, seed)
+        for B, Hc, Wc, seed in ((2, 9, 13, 0), (3, 11, 17, 1), (2, 6, 22, 2)):
+            args = _size_inputs(B, Hc, Wc, seed)
             for a, b in zip(compiled(*args), _ops_at_size(*args)):
                 torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
-    print("torch.compile(dynamic=True) of the ops: three image sizes, one graph")
+    print("torch.compile(dynamic=True) of the ops: three image and two batch sizes, one graph")
 
     # The whole Refiner. NB: its backend check lets CPU tensors through
     # only under TRITON_INTERPRET=1; the kernels are defined compiled by now.
@@ -489,11 +489,11 @@ def _check_dynamic_sizes():
     refiner = random_bn_(pm.Refiner("sampling", 16 * 40, 0.4, backend="triton")).eval()
     compiled = torch.compile(refiner, backend="aot_eager", dynamic=True, fullgraph=True)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        for H, W in ((64, 96), (80, 112)):
-            x = refiner_inputs(2, H, W, H // 4, W // 4, "cpu")
+        for B, H, W in ((2, 64, 96), (3, 80, 112)):
+            x = refiner_inputs(B, H, W, H // 4, W // 4, "cpu")
             for a, b in zip(compiled(*x), refiner(*x)):
                 torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    print("torch.compile(dynamic=True) of the Refiner: two image sizes, one graph")
+    print("torch.compile(dynamic=True) of the Refiner: two image and batch sizes, one graph")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,16 @@ def _check_cells(op, H, W, s):
     torch._check(W % s == 0, lambda: f"{op}: the width {W} must be divisible by the patch size {s}")
 
 
+def _batch_offsets(B):
+    """The first image of each launch of the writing kernels: a launch's
+    grid axis 1 covers at most _MAX_GRID_Y images.
+
+    NB: one launch without a loop where B fits: a loop over a symbolic B
+    would fix its value under torch.compile (a recompile per batch size);
+    this only guards B <= _MAX_GRID_Y."""
+    return [0] if B <= _MAX_GRID_Y else range(0, B, _MAX_GRID_Y)
+
+
 def _tiling():
     """(ROWS, BLOCK) of the writing kernels: one row of 256 columns a program
     on the GPU; under the interpreter, whose cost is per program, more rows."""
@@ -127,8 +137,8 @@ def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
         cells = _cell_map(idx, valid, B, H // s, W // s, x.device)
         rows, block = _tiling()
         x_blocks = triton.cdiv(W, block)
-        for b0 in range(0, B, _MAX_GRID_Y):
-            wrap_triton(_replace_kernel)[(triton.cdiv(H, rows) * x_blocks, min(B - b0, _MAX_GRID_Y))](
+        for b0 in _batch_offsets(B):
+            wrap_triton(_replace_kernel)[(triton.cdiv(H, rows) * x_blocks, torch.sym_min(B - b0, _MAX_GRID_Y))](
                 x, patches, cells, out, C, H, W, x_blocks, b0, *x.stride(), *patches.stride(), *out.stride(),
                 S=s, ROWS=rows, BLOCK=block, enable_fp_fusion=FP_FUSION)
     return out
@@ -223,8 +233,8 @@ def _compose(coarse, patches, idx, valid, src, out):
         cells = _cell_map(idx, valid, B, H // s, W // s, coarse.device)
         rows, block = _tiling()
         x_blocks = triton.cdiv(W, block)
-        for b0 in range(0, B, _MAX_GRID_Y):
-            wrap_triton(_compose_kernel)[(triton.cdiv(H, rows) * x_blocks, min(B - b0, _MAX_GRID_Y))](
+        for b0 in _batch_offsets(B):
+            wrap_triton(_compose_kernel)[(triton.cdiv(H, rows) * x_blocks, torch.sym_min(B - b0, _MAX_GRID_Y))](
                 coarse, patches, cells, src_t, out, C, H, W, Hc, Wc, x_blocks, b0,
                 *coarse.stride(), *patches.stride(), *src_t.stride(),
                 S=s, SAME=(Hc, Wc) == (H, W), EPILOGUE=src is not None, ROUND=round_weights(coarse.device),

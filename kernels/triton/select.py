@@ -215,9 +215,9 @@ def _chunking(B, N, block: int):
     (a multiple of block), for launches of B images. HD (N = 129,600) gets
     127 programs of one block an image on the GPU, 4K 507.
 
-    NB: sym_max, not max: N may be symbolic under torch.compile, and max
-    would guard on its value."""
-    per_image = max(1, min(_MAX_GROUPS, triton.cdiv(_TARGET_PROGRAMS, max(B, 1))))
+    NB: sym_max and sym_min, not max and min: B and N may be symbolic
+    under torch.compile, and max would guard on their values."""
+    per_image = torch.sym_max(1, torch.sym_min(_MAX_GROUPS, triton.cdiv(_TARGET_PROGRAMS, torch.sym_max(B, 1))))
     chunk = torch.sym_max(1, triton.cdiv(triton.cdiv(N, per_image), block)) * block
     return chunk, triton.cdiv(N, chunk)
 
@@ -228,7 +228,7 @@ def launch_plan(B: int, N, block: int):
     the slice) grid, with scratch for `slice` images. Every grid axis stays
     in CUDA's limits (axis 0: 2^31 - 1, axis 1: 65,535) and the scratch is
     the same for any B beyond a slice."""
-    images = min(B, _SLICE_IMAGES)
+    images = torch.sym_min(B, _SLICE_IMAGES)
     chunk, groups = _chunking(images, N, block)
     return images, chunk, groups
 
@@ -253,8 +253,11 @@ def select_sampling(err: torch.Tensor, k: int, prevent_oversampling: bool):
     with device_guard(e.device):
         hist = torch.empty((images, 4, _BINS), dtype=torch.int64, device=e.device)
         counts = torch.empty((images, groups, 2), dtype=torch.int32, device=e.device)
-        for first in range(0, B, images):
-            grid = (groups, min(images, B - first))
+        # NB: one slice without a loop: a loop over a symbolic B would fix
+        # its value (a recompile per batch size); this guards B <= a slice.
+        firsts = [0] if B <= _SLICE_IMAGES else range(0, B, images)
+        for first in firsts:
+            grid = (groups, torch.sym_min(images, B - first))
             # Each slice's histograms start from zero (atomic adds).
             hist.zero_()
             for d in range(key_bits // 8):
