@@ -43,7 +43,7 @@ a barrier were misplaced (which the interpreter cannot show).
 
 Channels are padded to powers of two: crop 1 is sampled as hid [rows, 32]
 and the rest [rows, 16] (pha, fgr, src/2, bgr/2, six zeros), and conv1
-takes them as one [rows, 64] operand (16 more zeros; see _cat_columns),
+takes them as one [rows, 64] operand (16 more zeros; see _operand),
 conv1 out 24 -> 32, conv2 out 16, conv3 in 16 (upsampled) + 16 (crop 2:
 src, bgr, ten zeros) as one [rows, 32] operand, conv3 out 12 -> 16, conv4
 out 4 -> 16. The weights are read straight from the folded (C_out, C_in, k,
@@ -114,8 +114,9 @@ def _tap_weights(w_ptr, c_in, c_out, c_lo, c_hi, t, TAPS: tl.constexpr, K: tl.co
 
 
 @triton.jit
-def _cat_columns(a, b):
-    """[M, 2K]: the K columns of a, then those of b ([M, K] each).
+def _operand(a, b, BY_COLUMNS: tl.constexpr):
+    """[M, 2C]: tl.dot's operand of the C channels of a, then those of b,
+    from [C, M] tiles (channels, rows).
 
     NB: conv1 and conv3 each take one operand of all their input channels
     (one tl.dot a tap) rather than two operands whose dots are chained
@@ -128,8 +129,21 @@ def _cat_columns(a, b):
     dot(a, b) + c into dot(a, b, c). For conv1 it costs 16 columns of
     zeros (64 instead of 48), for conv3 none; on the GPU the zeros add
     nothing to the accumulator, under the interpreter the one matmul sums
-    in another order than two did (a float32 ulp)."""
-    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+    in another order than two did (a float32 ulp).
+
+    BY_COLUMNS: the tiles transposed first, then joined as columns, rather
+    than joined as rows and transposed: the same values, but registers
+    differ by far with the Triton version (sm_90, 8 warps): joined as rows,
+    Triton 3.6 (the GPU machine's) takes 128 registers at kernel_size 3 in
+    float32 where by columns it takes 222; the "ieee" dots (float32 on the
+    FMA units) at kernel_size 1 take 64 (Triton 3.8) and 122 (3.6) joined by
+    columns, 168 and 171 by rows."""
+    if BY_COLUMNS:
+        a = tl.trans(a)
+        b = tl.trans(b)
+        return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+    else:
+        return tl.trans(tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1])))
 
 
 @triton.jit
@@ -268,8 +282,10 @@ def _refine_kernel(out_ptr, map_ptr, idx_ptr, valid_ptr,
             a_rest = tl.where(ch16 == 7 + c, _sample(at, y0, y1, x0, x1, gsh, gsw,
                                                      wy0, wy1, wx0, wx1, m1, True, dtype), a_rest)
         # conv1's input as one [rows, 64] tile: hid, the other 10 channels,
-        # 22 zeros (see _cat_columns).
-        a1 = _cat_columns(tl.trans(a_hid), _cat_columns(tl.trans(a_rest.to(dtype)), tl.zeros([M, 16], dtype)))
+        # 22 zeros (see _operand).
+        BY_COLUMNS: tl.constexpr = PRECISION == "ieee" and not K3
+        a_rest = tl.reshape(tl.permute(tl.join(a_rest.to(dtype), tl.zeros([16, M], dtype)), (2, 0, 1)), (32, M))
+        a1 = _operand(a_hid, a_rest, BY_COLUMNS)
 
         # -- conv1 + ReLU, conv2 + ReLU ---------------------------------
         # NB: tap loops not unrolled: unrolled, the compiler hoisted every
@@ -305,7 +321,7 @@ def _refine_kernel(out_ptr, map_ptr, idx_ptr, valid_ptr,
                                                  mask=m2, other=0.0), a_crop)
             a_crop = tl.where(ch16 == 3 + c, tl.load(bgr_ptr + bb * gsb + gsc.to(tl.int64) * c + fy64 * gsh
                                                      + fx64 * gsw, mask=m2, other=0.0), a_crop)
-        a3 = _cat_columns(z2, tl.trans(a_crop))
+        a3 = _operand(tl.trans(z2), a_crop, BY_COLUMNS)
 
         # -- conv3 + ReLU, conv4 ----------------------------------------
         acc = tl.zeros([M, 16], tl.float32)
@@ -424,11 +440,11 @@ def launch_config(kernel_size: int, block_p: Optional[int] = None, num_warps: Op
 
     Defaults on the GPU (gpu None: compiled()): 1 patch (64 rows) at
     kernel_size 3 and 4 patches (64 rows) at 1 (2 patches, 32 rows, for
-    "ieee", whose 64-row tile takes 150 registers against 64), on 8 warps:
-    no spills and the fewest registers per thread among the tilings
-    compiled for sm_90 with Triton 3.8 (python tests/test_triton_compile.py
-    --fused prints them; not timed on a GPU yet:
-    benchmarks/bench_fused_tiling.py times every tiling). Under the
+    "ieee": 64 registers, where 64 rows take 150 with Triton 3.8 and 127
+    with 3.6), on 8 warps: no spills and the fewest registers per thread
+    among the tilings compiled for sm_90 with Triton 3.6 and 3.8 (python
+    tests/test_triton_compile.py --fused prints them; not timed on a GPU
+    yet: benchmarks/bench_fused_tiling.py times every tiling). Under the
     interpreter, whose cost is per program, 32 patches.
 
     NB: 16 rows (kernel_size 1, one patch) crash Triton 3.6's layout pass."""
