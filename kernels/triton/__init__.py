@@ -10,7 +10,11 @@ torch.compile, and launches the kernels directly otherwise.
 
 Integer size arguments are not specialised (``do_not_specialize``), so one
 compiled variant per kernel and dtype serves every frame size; ``warmup``
-compiles the ones the Refiner uses ahead of the first frame.
+compiles the ones the Refiner uses ahead of the first frame. Nor do the
+launchers need concrete sizes: the resize scale is computed in the kernels
+(``common.resize_scale``), so under ``torch.compile(dynamic=True)`` a new
+frame size reuses the graph. Every launch pins Triton's ``enable_fp_fusion``
+to ``common.FP_FUSION`` (False: the GPU rounds as the interpreter does).
 
 Under ``TRITON_INTERPRET=1`` (set before this package is imported) the same
 kernels run on CPU tensors through Triton's interpreter: that is how CI
