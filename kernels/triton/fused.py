@@ -55,9 +55,10 @@ NB: so each program reads all the weights, 61 KB in float32 (31 KB in
 float16), more than its crops (45 KB in float32). Kept in shared memory for a
 persistent program's whole run instead, they take 117 KB (float32, the
 dots' padded tiles) and the taps must be unrolled (Triton cannot index
-shared memory by a loop variable): compiled for sm_90 that spilled (2 KB at
-255 registers in float32, 208 bytes in float16) and fits one program per SM
-in float32 instead of two. Several patches a program (BLOCK_P) share the
+shared memory by a loop variable): compiled for sm_90 that spilled at 255
+registers (Triton 3.8: 2 KB in float32, 208 bytes in float16; 3.6: 1.4 KB
+and 360 bytes), and its 133 KB of shared memory in float32 fit one program
+per SM instead of two. Several patches a program (BLOCK_P) share the
 reads instead, at a cost in registers: benchmarks/bench_fused_tiling.py
 times which tiling wins.
 
