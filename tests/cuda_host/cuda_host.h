@@ -19,8 +19,9 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-// NB: the bound itself is not checked here (g++ has no attribute that keeps
-// it readable); every kernel's bound is the block size of its launches.
+// NB: g++ keeps no readable trace of the bound; the tests hold the block
+// sizes the harness logs (PYMATTING_EXT_CUDA_HOST_LAUNCHES) against the
+// bounds in the sources.
 #define __launch_bounds__(...)
 // Every fiber of a block runs on one OS thread, and blocks run one at a time
 // on it: thread-local statics are the block's shared memory. The harness

@@ -504,16 +504,24 @@ void run_block(Launch& L) {
   }
 }
 
-void append_report(const std::string& name) {
-  const char* path = std::getenv("PYMATTING_EXT_CUDA_HOST_REPORT");
+void append_line(const char* var, const std::string& line) {
+  const char* path = std::getenv(var);
   if (path == nullptr || *path == '\0') {
     return;
   }
   FILE* f = std::fopen(path, "a");
-  TORCH_CHECK(f != nullptr, "pymatting_ext CUDA host harness: cannot append to PYMATTING_EXT_CUDA_HOST_REPORT=", path);
-  const std::string base = name.substr(0, name.find('<'));
-  std::fprintf(f, "%s\n", base.c_str());
+  TORCH_CHECK(f != nullptr, "pymatting_ext CUDA host harness: cannot append to ", var, "=", path);
+  std::fprintf(f, "%s\n", line.c_str());
   std::fclose(f);
+}
+
+// PYMATTING_EXT_CUDA_HOST_REPORT: each launch's kernel name, a line each.
+// PYMATTING_EXT_CUDA_HOST_LAUNCHES: the name and the block's threads (the
+// tests hold them against the kernels' __launch_bounds__, which g++ drops).
+void append_report(const std::string& name, dim3 block) {
+  const std::string base = name.substr(0, name.find('<'));
+  append_line("PYMATTING_EXT_CUDA_HOST_REPORT", base);
+  append_line("PYMATTING_EXT_CUDA_HOST_LAUNCHES", base + " " + std::to_string(uint64_t(block.x) * block.y * block.z));
 }
 
 std::mutex g_launch_mutex;
@@ -649,7 +657,7 @@ void run(const char* pretty, dim3 grid, dim3 block, size_t smem, Entry entry, vo
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   Launch L;
   L.name = short_name(pretty);
-  append_report(L.name);
+  append_report(L.name, block);
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   // The driver's launch checks (cudaErrorInvalidConfiguration).
   TORCH_CHECK(threads >= 1 && threads <= 1024 && block.z <= 64, "pymatting_ext CUDA host harness: ", L.name,

@@ -95,6 +95,21 @@ def test_select_sampling_empty_batch_and_sliced(host):
         assert_same(g, w)
 
 
+def test_select_sampling_ties_signed_zeros_and_nan(host):
+    # All tied: the first k cells, across the blocks of each image.
+    err = torch.full((2, 1, 30, 31), 0.5)
+    _, idx, valid = host.select_sampling(err, 600, True)
+    assert torch.equal((idx[:, 1] * 31 + idx[:, 2]).view(2, 600), torch.arange(600).expand(2, 600))
+    assert bool(valid.all())
+    for e in ([0.0, -0.0, 0.0, -0.0], [-0.0, 0.0, -0.0, 0.0]):
+        _, idx, _ = host.select_sampling(torch.tensor(e).view(1, 1, 1, 4), 2, False)
+        assert idx[:, 2].tolist() == [0, 1]
+    err = torch.rand(1, 1, 9, 10)
+    err[0, 0, 2, 3] = float("nan")
+    ref, idx, valid = host.select_sampling(err, 1, True)
+    assert idx.tolist() == [[0, 2, 3]] and not bool(valid[0]) and float(ref.sum()) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_select_sampling_16_bit_keys_every_bit_pattern(host, dtype):
     # Two radix passes over 16-bit keys: every bit pattern once (NaN of both
@@ -362,19 +377,51 @@ def global_kernels():
     return names
 
 
-def test_kernel_report_lists_every_global_kernel(host, tmp_path, monkeypatch):
-    report = tmp_path / "kernels.txt"
-    monkeypatch.setenv("PYMATTING_EXT_CUDA_HOST_REPORT", str(report))
+def launch_bounds():
+    """{kernel: its __launch_bounds__ (1024 without one)}, from the sources
+    (the bound's expression evaluated over the file's integer constants)."""
+    bounds = {name: 1024 for name in global_kernels()}
+    for f in (ROOT / "kernels").rglob("*.cu*"):
+        text = f.read_text()
+        consts = {m.group(1): m.group(2) for m in re.finditer(r"constexpr\s+\w+\s+(k\w+)\s*=\s*([\w\s*+]+);", text)}
+        for m in re.finditer(r"__global__\s+void\s+__launch_bounds__\s*\(([^)]*)\)\s*(\w+)\s*\(", text):
+            expr = m.group(1)
+            for _ in range(3):
+                expr = re.sub(r"\bk\w+\b", lambda c: f"({consts[c.group(0)]})", expr)
+            bounds[m.group(2)] = int(eval(expr, {"__builtins__": {}}))
+    return bounds
+
+
+def run_every_kernel(host):
     err = torch.rand(2, 1, 9, 10)
     _, idx, valid = host.select_sampling(err, 20, True)
     host.select_thresholding(err, 0.5)
     x = torch.rand(2, 4, 36, 40)
     patches = host.crop([x], idx, 4, 0, [36, 40], [4, 4])
+    host.crop([x[:, :1]], idx, 4, 2, [36, 40], [8, 8])
     host.replace(x, patches, idx, valid)
     host.compose(torch.rand(2, 4, 9, 10), patches, idx, valid, [36, 40], None)
+
+
+def test_kernel_report_lists_every_global_kernel(host, tmp_path, monkeypatch):
+    report = tmp_path / "kernels.txt"
+    monkeypatch.setenv("PYMATTING_EXT_CUDA_HOST_REPORT", str(report))
+    run_every_kernel(host)
     want = global_kernels()
     assert len(want) == 10, want
     assert set(report.read_text().split()) == want
+
+
+def test_blocks_within_launch_bounds(host, tmp_path, monkeypatch):
+    log = tmp_path / "launches.txt"
+    monkeypatch.setenv("PYMATTING_EXT_CUDA_HOST_LAUNCHES", str(log))
+    run_every_kernel(host)
+    bounds = launch_bounds()
+    assert bounds["crop_kernel"] == 256 and bounds["compose_kernel"] == 256 and bounds["cell_map_kernel"] == 1024
+    launches = [line.split() for line in log.read_text().splitlines()]
+    assert {name for name, _ in launches} == set(bounds)
+    for name, threads in launches:
+        assert int(threads) <= bounds[name], (name, threads, bounds[name])
 
 
 # -- the harness's checks, on planted defects ----------------------------------
