@@ -8,29 +8,34 @@ report, and the harness's own checks on planted defects (mutations.py runs
 the same defects planted in the real kernels).
 
 Select with `pytest -m cuda_host`."""
-import os
+import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import DTYPES
+from helpers import (
+    check_outputs,
+    check_tie_tolerant,
+    layouts,
+    random_bn_,
+    refiner_inputs,
+)
+from test_cuda import ATOL, crop_case, replace_case, sampling_err
 
 import pymatting_ext as pm
 from pymatting_ext import reference
-
-from conftest import DTYPES
-from helpers import check_outputs, check_tie_tolerant, layouts, random_bn_, refiner_inputs
-from test_cuda import ATOL, crop_case, replace_case, sampling_err
 
 pytestmark = [pytest.mark.cuda_host,
               pytest.mark.skipif(not pm._extension.available(), reason="the CPU kernels (the oracle) are not built")]
 
 cpu_ops = torch.ops.pymatting_ext
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import build  # noqa: E402  (tests/cuda_host/build.py)
+# tests/cuda_host/build.py, by its path ("build" is also a PyPI package).
+_spec = importlib.util.spec_from_file_location("pymatting_ext_cuda_host_build", Path(__file__).with_name("build.py"))
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def host():
 
 
 def assert_same(got, want, name=""):
-    """Bit for bit, NaN where NaN; shape, dtype and strides' layout too."""
+    """Same shape and dtype, equal bit for bit (NaN where NaN)."""
     assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape, got.dtype, want.dtype)
     assert torch.equal(got, want) or torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(
         got.nan_to_num(), want.nan_to_num()), name
@@ -387,7 +392,7 @@ def launch_bounds():
         for m in re.finditer(r"__global__\s+void\s+__launch_bounds__\s*\(([^)]*)\)\s*(\w+)\s*\(", text):
             expr = m.group(1)
             for _ in range(3):
-                expr = re.sub(r"\bk\w+\b", lambda c: f"({consts[c.group(0)]})", expr)
+                expr = re.sub(r"\bk\w+\b", lambda c, consts=consts: f"({consts[c.group(0)]})", expr)
             bounds[m.group(2)] = int(eval(expr, {"__builtins__": {}}))
     return bounds
 
