@@ -342,8 +342,8 @@ def fused_main(everything=False, arch=90):
 
 def test_fused_kernels_compile_without_spills_or_per_tap_conversions():
     # Every dtype and precision at both kernel sizes with the launchers' GPU
-    # tilings, int64 sizes, the coarse pass: 12 variants, 37 s of CPU with an
-    # empty Triton cache (65 s on 2 busy cores), seconds once cached.
+    # tilings, int64 sizes, the coarse pass: 12 variants, 36 s of CPU with an
+    # empty Triton cache (65-80 s on 2 busy cores), seconds once cached.
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, __file__, "--fused"], capture_output=True, text=True, env=env,
                           timeout=1200)
