@@ -408,12 +408,13 @@ def test_gpu_past_2_to_the_31_elements():
 # -- launch options ---------------------------------------------------------------
 
 def test_launches_pin_enable_fp_fusion_off(monkeypatch):
-    # NB: off (kernels/triton/fused.FP_FUSION), so that the compiled kernels
-    # round each product and sum of the crop, the biases and the epilogue as
-    # Triton's interpreter, which runs these tests without a GPU, does:
-    # contracted into FMAs they would differ by an ulp here and there, as the
-    # Triton version's LLVM chose. tests/test_triton_compile.py checks that the
-    # compiled PTX then holds no contracted FMA.
+    # NB: off (common.FP_FUSION, as the op set's launches), so that the
+    # compiled kernels round each product and sum of the crop, the biases
+    # and the epilogue as Triton's interpreter, which runs these tests
+    # without a GPU, does: contracted into FMAs they would differ by an ulp
+    # here and there, as the Triton version's LLVM chose.
+    # tests/test_triton_compile.py checks that the compiled PTX then holds
+    # no contracted FMA.
     from pymatting_ext.triton_kernels import fused as k
     assert k.FP_FUSION is False
     seen = []
