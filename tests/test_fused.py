@@ -436,3 +436,22 @@ def test_launches_pin_enable_fp_fusion_off(monkeypatch):
     src, bgr, pha, fgr, hid, idx, valid, weights, ks, allow_tf32, epilogue = op_args(1, P=2)
     fused().refine_sparse(src, bgr, pha, fgr, hid, idx, valid, weights, ks, epilogue, allow_tf32=allow_tf32)
     assert seen == [("_refine_kernel", False), ("_coarse_kernel", False)]
+
+
+def test_warmup_runs_float32_with_tf32_on_and_off(monkeypatch):
+    # The fused kernel compiles one variant per tl.dot precision: warmup
+    # runs float32 under both settings of allow_tf32 (the tests turn it off,
+    # PyTorch's default is on) and restores the caller's.
+    from pymatting_ext import triton_kernels
+    seen = set()
+
+    class Spy(pm.Refiner):
+        def forward(self, *args, **kwargs):
+            seen.add(torch.backends.cudnn.allow_tf32)
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr(pm, "Refiner", Spy)
+    before = torch.backends.cudnn.allow_tf32
+    triton_kernels.warmup(DEVICE, torch.float32, modes=("sampling",), epilogue=False)
+    assert seen == {True, False}
+    assert torch.backends.cudnn.allow_tf32 == before
