@@ -202,8 +202,9 @@ def _fused_module():
 def _contiguous_launch(fn, dt, itype, pointers):
     """(signature, constexprs, attrs) of a launch on contiguous 16-byte
     aligned tensors, as Triton specialises it: pointers divisible by 16,
-    the specialised innermost strides equal to 1 (constexprs), every other
-    integer unspecialised of type itype."""
+    the specialised integers, the innermost strides (named *sw), equal to 1
+    (constexprs), every other integer unspecialised of type itype (an
+    integer of neither kind fails fused_main's signature check)."""
     unspecialised = _unspecialised(fn)
     sig, const = {}, {}
     for name in fn.arg_names:
