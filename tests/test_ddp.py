@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pymatting_ext as pm
-from pymatting_ext.models import MattingRefine
+from pymatting_ext.models import MattingRefine, accelerate
 
 from conftest import needs_cuda
 # (_one_thread: an autouse fixture, one thread while this module's tests run.)
@@ -368,6 +368,11 @@ def test_sync_batchnorm_models_fold_in_eval_mode(monkeypatch):
             model.refiner.bn2.running_var.mul_(1.5)
         check_matting(up(*x), ours(*x), 1e-5)
     assert calls == [] and len(folds) == 3
+    # accelerate() takes an upstream model converted before it.
+    with torch.no_grad():
+        want = up(*x)
+        check_matting(want, accelerate(up)(*x), 1e-5)
+    assert type(up) is MattingRefine and type(up.refiner.bn1) is nn.SyncBatchNorm and len(folds) == 4
 
 
 def test_sync_batchnorm_models_train_without_a_process_group():
