@@ -98,15 +98,17 @@ def replace(x: torch.Tensor, patches: torch.Tensor, idx: torch.Tensor,
     wins. Written as a per-pixel gather, so it never synchronises."""
     B, C, H, W = x.shape
     P, s = patches.shape[0], patches.shape[-1]
-    if P == 0:
-        return x.clone()
     owner = cell_owner(idx, valid, B, H // s, W // s)
     ys = torch.arange(H, device=x.device)
     xs = torch.arange(W, device=x.device)
     owner = owner[:, ys // s][:, :, xs // s]  # (B, H, W)
     ys, xs = ys % s, xs % s
     channels = torch.arange(C, device=x.device)
-    values = patches[owner.clamp(min=0)[:, None], channels[None, :, None, None],
+    # NB: cells no patch owns read an appended zero patch (and keep x's value
+    # below): no branch on P, which may be 0 and is data-dependent under
+    # torch.export (thresholding).
+    patches = torch.cat([patches, patches.new_zeros((1,) + tuple(patches.shape[1:]))])
+    values = patches[torch.where(owner >= 0, owner, P)[:, None], channels[None, :, None, None],
                      ys[None, None, :, None], xs[None, None, None, :]]
     return torch.where((owner >= 0)[:, None], values, x)
 

@@ -279,15 +279,12 @@ def _bad_cases(data, tmp):
     if not torch.cuda.is_available():
         cases["no GPU"] = (["matte", src, bgr, "-o", out, "--device", "cuda"], "--device cuda", "no GPU")
         cases["no GPU (speed)"] = (["speed", "--device", "cuda"], "--device cuda", "no GPU")
-    cases["onnx thresholding"] = (["export", "--format", "onnx", "-o", out + ".onnx", "--refine-mode",
-                                   "thresholding"], "thresholding", "does not export")
     return cases
 
 
 BAD = ["missing source", "unreadable source", "missing background", "empty folder", "missing checkpoint",
        "unreadable checkpoint", "wrong backbone", "wrong shape", "base checkpoint for refine", "sizes differ",
-       "unknown codec", "output exists", "ref from MattingBase", "bad choice", "no GPU", "no GPU (speed)",
-       "onnx thresholding"]
+       "unknown codec", "output exists", "ref from MattingBase", "bad choice", "no GPU", "no GPU (speed)"]
 
 
 @pytest.mark.parametrize("case", BAD)

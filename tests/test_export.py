@@ -73,6 +73,38 @@ def test_onnx_sampling_with_dynamic_axes_matches_pytorch(onnxruntime, tmp_path):
         assert 0 < float(torch.as_tensor(got[5]).mean()) < 1  # some cells refined, not all
 
 
+def test_onnx_thresholding_matches_pytorch(onnxruntime, tmp_path):
+    """Thresholding: a data-dependent number of refined patches in the graph,
+    none at all included (every cell's error under the threshold)."""
+    m = model("thresholding")
+    m.refiner.threshold = 0.01  # these random weights predict err below 0.07
+    path = tmp_path / "thresholding.onnx"
+    result = export.export_onnx(m, str(path), example=inputs(2, 96, 128), dynamic=True)
+    assert len(result["max_abs_diff"]) == 2
+    for B, H, W in ((1, 136, 168), (3, 100, 124)):
+        src, bgr = inputs(B, H, W, seed=B)
+        with torch.inference_mode():
+            want = m(src, bgr)
+        got = run_onnx(onnxruntime, path, src, bgr)
+        assert_matches(NAMES, want, got)
+        assert 0 < float(torch.as_tensor(got[5]).mean()) < 1  # some cells refined, not all
+
+
+def test_onnx_thresholding_with_no_cell_refined(onnxruntime, tmp_path):
+    # err is clamped to [0, 1]: a threshold of 1 refines nothing, so the
+    # graph's patch tensors are empty.
+    m = model("thresholding")
+    m.refiner.threshold = 1.0
+    path = tmp_path / "none.onnx"
+    example = inputs(2, 96, 128)
+    export.export_onnx(m, str(path), example=example, dynamic=True)
+    with torch.inference_mode():
+        want = m(*example)
+    got = run_onnx(onnxruntime, path, *example)
+    assert_matches(NAMES, want, got)
+    assert float(torch.as_tensor(got[5]).sum()) == 0
+
+
 def test_onnx_full_mode_matches_pytorch(onnxruntime, tmp_path):
     m = model("full")
     path = tmp_path / "full.onnx"

@@ -240,7 +240,7 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="TorchScript, AOTInductor (.pt2) or ONNX",
                        description="Exports the model: torchscript (torch.jit.script; loads with the extension), "
                                    "aoti (torch.export + AOTInductor package with our custom ops, runs from C++), "
-                                   "onnx (the refiner in standard ONNX operators; sampling and full modes). "
+                                   "onnx (the refiner in standard ONNX operators, every refine mode). "
                                    "Checks the export against the eager model unless --no-validate.")
     p.add_argument("--format", choices=["torchscript", "aoti", "onnx"], required=True)
     p.add_argument("--output", "-o", required=True, metavar="FILE")
@@ -271,9 +271,6 @@ def _run_export(args) -> int:
         require("onnxscript", "--format onnx")
         if not args.no_validate:
             require("onnxruntime", "checking the ONNX export (--no-validate skips it)")
-        if args.refine_mode not in export.ONNX_MODES and args.model_type == "mattingrefine":
-            raise UserError(f"refine mode {args.refine_mode!r} does not export to ONNX (its number of refined "
-                            f"patches depends on the data); use --refine-mode sampling or full")
     device = pick_device(args.device or "cpu")
     model, _ = _build(args)
     model = model.to(device=device, dtype=dtype_of(args.precision))

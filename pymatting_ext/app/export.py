@@ -17,9 +17,9 @@ AOTInductor package).
   operators: the refiner runs on the reference backend (plain PyTorch:
   sort/TopK, gathers, scatter, Resize) and torch's ONNX exporter (torch.export
   based) translates it. Batch, height and width are dynamic axes by default,
-  as in upstream's exporter. Refine modes: 'sampling' and 'full' export;
-  'thresholding' does not (its patch count depends on the data, which
-  torch.export cannot trace through the reference's branch on it).
+  as in upstream's exporter. Every refine mode exports; in 'thresholding'
+  the number of refined patches depends on the data (a data-dependent size
+  in the graph, zero patches included).
 
 Each export is checked by default: the exported model is run on the example
 input (and, where dynamic, on a second size) and compared with the eager
@@ -35,12 +35,9 @@ import torch
 
 from .common import UserError, require
 
-__all__ = ["export_torchscript", "export_aoti", "export_onnx", "FORMATS", "ONNX_MODES"]
+__all__ = ["export_torchscript", "export_aoti", "export_onnx", "FORMATS"]
 
 FORMATS = ("torchscript", "aoti", "onnx")
-
-#: Refine modes the ONNX export supports.
-ONNX_MODES = ("sampling", "full")
 
 #: Largest allowed difference from the eager model when checking an export
 #: (upstream's export_onnx.py validates with 0.005; the backbones' fused and
@@ -251,10 +248,6 @@ def export_onnx(model: torch.nn.Module, path: str, *, example: Tuple[torch.Tenso
     require("onnx", "--format onnx")
     if model.__class__.__module__.split(".")[0] != "pymatting_ext":
         raise UserError("the ONNX export takes pymatting_ext's MattingRefine/MattingBase")
-    refiner = getattr(model, "refiner", None)
-    if refiner is not None and refiner.mode not in ONNX_MODES:
-        raise UserError(f"refine mode {refiner.mode!r} does not export to ONNX (its number of refined "
-                        f"patches depends on the data); export 'sampling' or 'full'")
     if opset < 18:
         # torch's exporter writes opset 18 and converts down, which fails for
         # this model's Resize/Split nodes: ask for what it can do.
