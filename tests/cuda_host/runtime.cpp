@@ -657,7 +657,6 @@ void run(const char* pretty, dim3 grid, dim3 block, size_t smem, Entry entry, vo
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   Launch L;
   L.name = short_name(pretty);
-  append_report(L.name, block);
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   // The driver's launch checks (cudaErrorInvalidConfiguration).
   TORCH_CHECK(threads >= 1 && threads <= 1024 && block.z <= 64, "pymatting_ext CUDA host harness: ", L.name,
@@ -668,6 +667,7 @@ void run(const char* pretty, dim3 grid, dim3 block, size_t smem, Entry entry, vo
               " (x below 2^31, y and z at most 65535, none 0)");
   TORCH_CHECK(smem <= kMaxSharedBytes, "pymatting_ext CUDA host harness: ", L.name, ": invalid launch: ", smem,
               " bytes of dynamic shared memory, more than 48 KiB without the opt-in");
+  append_report(L.name, block);
   L.grid = grid;
   L.block = block;
   L.smem = smem;
