@@ -10,7 +10,8 @@ __all__ = ["FAKES", "register"]
 
 
 def _min_cells(k, err):
-    return min(k, err.shape[2] * err.shape[3])
+    # NB: sym_min, not min(): no guard on a symbolic frame size.
+    return torch.sym_min(k, err.shape[2] * err.shape[3])
 
 
 def select_sampling_fake(err, k, prevent_oversampling):

@@ -309,7 +309,9 @@ class MattingRefine(MattingBase):
         if not torch.jit.is_scripting():
             self._check_against_model("MattingRefine", src)
         H, W = src.shape[2], src.shape[3]
-        if int(H * self.backbone_scale) < 1 or int(W * self.backbone_scale) < 1:
+        # NB: x < 1 rather than int(x) < 1 (the same for x >= 0): a range, not the
+        # exact size that int() would fix under torch.export with dynamic sizes.
+        if H * self.backbone_scale < 1 or W * self.backbone_scale < 1:
             raise ValueError(f"MattingRefine: src of {H}x{W} is too small for backbone_scale="
                              f"{self.backbone_scale}: the coarse input would be empty")
         # As upstream: the coarse size is int(H * scale), and the resize uses

@@ -24,7 +24,7 @@ def select_sampling(err: torch.Tensor, k: int, prevent_oversampling: bool):
     1 where selected and, with prevent_oversampling, err > 0), idx (B*k, 3)
     rows (b, y, x) in row-major order, and valid (B*k,) bool."""
     B, _, H, W = err.shape
-    k = min(k, H * W)
+    k = torch.sym_min(k, H * W)  # NB: not min(): no guard on a symbolic size (torch.export)
     flat = err.reshape(B, H * W)
     # A stable descending sort keeps equal values in index order; torch.sort
     # puts NaN above every number.

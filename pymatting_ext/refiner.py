@@ -492,7 +492,9 @@ class Refiner(nn.Module):
         err_q = F.interpolate(err, size=[H // 4, W // 4], mode="bilinear", align_corners=False)
         valid: Optional[Tensor] = None
         if self.mode == "sampling":
-            k = min(self.sample_pixels // 16, (H // 4) * (W // 4))
+            # NB: the op takes at most every cell itself; a min() here would fix
+            # the frame size under torch.export with dynamic sizes.
+            k = self.sample_pixels // 16
             ref, idx, valid_all = _select_sampling(backend, err_q, k, bool(self.prevent_oversampling))
             if self.training:
                 # BatchNorm's batch statistics must see the valid patches only,

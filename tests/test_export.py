@@ -140,11 +140,12 @@ def test_aoti_package_with_custom_ops_runs_in_cpp_without_python(tmp_path):
     """The exported program calls pymatting_ext's ops; the package is
     compiled by AOTInductor and run by a C++ program (libtorch only) that
     loads the extension's library first, as tests/cpp/run_scripted.cpp does
-    for TorchScript."""
+    for TorchScript. Exported with dynamic batch, height and width, and run
+    from C++ at two sizes."""
     if not pm.extension_available():
         pytest.skip("the compiled extension is not loaded")
     m = model("sampling")
-    example = inputs(2, 64, 96)
+    example = inputs(2, 96, 128)  # at least min_dynamic_side (68) for dynamic sizes
     program = export.export_program(m, example)
     ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert any(name.startswith("pymatting_ext.") for name in ops), sorted(ops)
@@ -158,19 +159,22 @@ def test_aoti_package_with_custom_ops_runs_in_cpp_without_python(tmp_path):
         configs = {}
         if hasattr(torch._inductor.config.aot_inductor, "compile_wrapper_opt_level"):
             configs["aot_inductor.compile_wrapper_opt_level"] = "O0"
-        result = export.export_aoti(m, package, example=example, inductor_configs=configs)
+        result = export.export_aoti(m, package, example=example, dynamic=True, inductor_configs=configs)
+        assert len(result["max_abs_diff"]) == 2  # checked in Python at two sizes
         assert max(max(d.values()) for d in result["max_abs_diff"].values()) <= 1e-5
-        with torch.inference_mode():
-            outputs = m(*example)
-        torch.save({"src": example[0], "bgr": example[1], **{f"out{i}": t for i, t in enumerate(outputs)}},
-                   str(tmp_path / "case.pt"))
+        cases = []
+        for i, (src, bgr) in enumerate([example, inputs(1, 104, 136, seed=1)]):
+            with torch.inference_mode():
+                outputs = m(src, bgr)
+            cases.append(str(tmp_path / f"case{i}.pt"))
+            torch.save({"src": src, "bgr": bgr, **{f"out{j}": t for j, t in enumerate(outputs)}}, cases[-1])
         log = build.communicate(timeout=900)[0]
         assert build.returncode == 0, log[-4000:]
     finally:
         if build.poll() is None:
             build.kill()
             build.wait()
-    run = subprocess.run([exe, pm.library_path(), package, str(tmp_path / "case.pt")],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([exe, pm.library_path(), package, *cases], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
-    assert run.stdout.count(" close") == 6, run.stdout
+    assert run.stdout.count(" close") == 12, run.stdout
+    assert "[2, 3, 96, 128]" in run.stdout and "[1, 3, 104, 136]" in run.stdout, run.stdout

@@ -27,6 +27,7 @@ model; ONNX with onnxruntime.
 """
 import contextlib
 import io
+import math
 import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -60,11 +61,23 @@ def example_inputs(model: torch.nn.Module, width: int, height: int, batch: int,
     return src, bgr
 
 
-def _second_size(width: int, height: int, batch: int) -> Tuple[int, int, int]:
-    """Another valid input size for checking a dynamic export."""
-    w = max(width // 2 // 4 * 4 + 8, 8)
-    h = max(height // 2 // 4 * 4 + 4, 8)
-    return w, h, 1 if batch > 1 else 2
+def min_dynamic_side(model: torch.nn.Module) -> int:
+    """The smallest height and width a model exported with dynamic sizes
+    serves: the coarse network's deepest feature map (stride 16) at least 2
+    wide, since torch.export fixes any size that is 1 in its example or
+    check (broadcasting). A multiple of 4."""
+    coarse = math.ceil(17 / float(getattr(model, "backbone_scale", 1.0)))
+    return 4 * math.ceil(coarse / 4)
+
+
+def _second_size(width: int, height: int, batch: int, min_side: int = 8) -> Tuple[int, int, int]:
+    """Another valid input size for checking a dynamic export: about half the
+    example's (or, where that is under min_side, a little larger)."""
+    def other(side: int, step: int) -> int:
+        half = max(side // 2 // 4 * 4 + step, 8)
+        return half if half >= min_side else side + step
+
+    return other(width, 8), other(height, 4), 1 if batch > 1 else 2
 
 
 def compare(names: Sequence[str], want: Sequence[torch.Tensor], got: Sequence) -> Dict[str, float]:
@@ -110,15 +123,15 @@ def export_torchscript(model: torch.nn.Module, path: str, *, example: Tuple[torc
 
 # -- torch.export + AOTInductor ------------------------------------------------------
 
-def _dynamic_shapes(dynamic: bool, max_side: int = 8192):
+def _dynamic_shapes(dynamic: bool, min_side: int, max_side: int = 8192):
     if not dynamic:
         return None
     from torch.export import Dim
 
     batch = Dim("batch", min=1, max=1024)
     # NB: height and width are multiples of 4 (the refiner's quarter grid).
-    height = 4 * Dim("height_4", min=8, max=max_side // 4)
-    width = 4 * Dim("width_4", min=8, max=max_side // 4)
+    height = 4 * Dim("height_4", min=min_side // 4, max=max_side // 4)
+    width = 4 * Dim("width_4", min=min_side // 4, max=max_side // 4)
     spec = {0: batch, 2: height, 3: width}
     return (spec, spec)
 
@@ -127,9 +140,15 @@ def export_program(model: torch.nn.Module, example: Tuple[torch.Tensor, torch.Te
     """torch.export of the model (eval, no grad) with pymatting_ext's custom
     ops left in the graph; raises UserError if it cannot be exported."""
     model = model.eval()
+    side = min_dynamic_side(model)
+    if dynamic and min(example[0].shape[2:]) < side:
+        raise UserError(f"an export with dynamic sizes needs an example of at least {side}x{side} for this "
+                        f"model (its coarse network's deepest feature map must be wider than 1); got "
+                        f"{example[0].shape[3]}x{example[0].shape[2]}")
     try:
         with torch.no_grad():
-            return torch.export.export(model, example, dynamic_shapes=_dynamic_shapes(dynamic), strict=False)
+            return torch.export.export(model, example, dynamic_shapes=_dynamic_shapes(dynamic, side),
+                                       strict=False)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds
         raise UserError(f"torch.export failed{' with dynamic shapes' if dynamic else ''}: "
                         f"{_summary(exc)}") from None
@@ -148,7 +167,7 @@ def _summary(exc: BaseException) -> str:
 
 def _second_example(model: torch.nn.Module, example: Tuple[torch.Tensor, torch.Tensor]):
     """Inputs of another valid size than example's, for a dynamic export."""
-    w, h, b = _second_size(example[0].shape[3], example[0].shape[2], example[0].shape[0])
+    w, h, b = _second_size(example[0].shape[3], example[0].shape[2], example[0].shape[0], min_dynamic_side(model))
     return example_inputs(model, w, h, b, seed=1)
 
 
