@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"
 
 #: The extras; tests/run.sh and benchmarks/run.sh install the same lists.
-CLI_REQUIRES = ["torchvision", "av", "tqdm", "pillow", "matplotlib", "numpy"]
+CLI_REQUIRES = ["torchvision", "av", "tqdm", "pillow", "matplotlib", "numpy", "opencv-python-headless"]
 EXPORT_REQUIRES = ["onnx", "onnxruntime", "onnxscript"]
 
 

@@ -19,10 +19,10 @@ if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
 "$PY" -m pip install -q ninja pybind11 pytest hypothesis "backgroundmattingv2==1.0"
-# setup.py's extras cli (PyAV, tqdm, Pillow, matplotlib) and export (onnx,
-# onnxruntime, onnxscript), named here because the package is installed with
-# --no-deps (so that pip never replaces the torch it is built against).
-"$PY" -m pip install -q av tqdm pillow matplotlib numpy onnx onnxruntime onnxscript
+# setup.py's extras cli (PyAV, tqdm, Pillow, matplotlib, OpenCV) and export
+# (onnx, onnxruntime, onnxscript), named here because the package is installed
+# with --no-deps (so that pip never replaces the torch it is built against).
+"$PY" -m pip install -q av tqdm pillow matplotlib numpy opencv-python-headless onnx onnxruntime onnxscript
 # Triton comes with torch's CUDA wheels; install it only where it is missing
 # (an unpinned install next to torch's pinned one could replace it).
 "$PY" -c "import triton" 2>/dev/null || "$PY" -m pip install -q triton

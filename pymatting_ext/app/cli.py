@@ -116,6 +116,11 @@ def _add_matte(sub) -> None:
                         "superfast, veryfast, medium ... make smaller files)")
     g.add_argument("--video-mbps", type=float, default=None, help="bit rate instead of --crf (Mbit/s)")
     g.add_argument("--fps", type=float, default=None, help="output frame rate (default: the source's, else 30)")
+    p.add_argument("--video-resize", type=int, nargs=2, default=None, metavar=("W", "H"),
+                   help="resize the source, background and target background to W x H first (as upstream)")
+    p.add_argument("--preprocess-alignment", action="store_true",
+                   help="align the background to each source frame by a homography of matched features (as "
+                        "upstream; for hand-held shots; needs OpenCV: pip install 'pymatting_ext[cli]')")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--cuda-graph", action="store_true",
                    help="on a GPU, run the model as one CUDA graph per batch (sampling and full modes)")
@@ -136,9 +141,15 @@ def _run_matte(args) -> int:
     # The cheap checks first, before a model is built (convert_video makes
     # them again).
     pick_device(args.device)
-    src = open_frames(args.source, "source")
+    size = tuple(args.video_resize) if args.video_resize else None
+    if size and min(size) < 4:
+        raise UserError(f"--video-resize {size[0]} {size[1]}: width and height must be at least 4")
+    if args.preprocess_alignment:
+        from .common import require
+        require("cv2", "--preprocess-alignment")
+    src = open_frames(args.source, "source", size=size)
     src.close()
-    bgr = open_frames(args.background, "background")
+    bgr = open_frames(args.background, "background", size=size)
     bgr.close()
     if (src.width, src.height) != (bgr.width, bgr.height):
         raise UserError(f"the source is {src.size_text()} but the background {args.background!r} is "
@@ -153,7 +164,8 @@ def _run_matte(args) -> int:
                                precision=args.precision, batch_size=args.batch_size, codec=args.codec,
                                crf=args.crf, preset=args.preset, video_mbps=args.video_mbps, fps=args.fps,
                                max_frames=args.max_frames, overwrite=args.overwrite,
-                               progress=not args.no_progress, cuda_graph=args.cuda_graph)
+                               progress=not args.no_progress, cuda_graph=args.cuda_graph, video_resize=size,
+                               preprocess_alignment=args.preprocess_alignment)
     except ConversionInterrupted as stop:
         r = stop.result
         _note(f"interrupted: {r['frames']} frames written, every output closed and complete up to there: "

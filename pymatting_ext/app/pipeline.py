@@ -104,7 +104,8 @@ def convert_video(model: torch.nn.Module, source: str, background: str, output_d
                   batch_size: int = 1, codec: str = "libx264", crf: Optional[int] = None,
                   preset: Optional[str] = "ultrafast", video_mbps: Optional[float] = None,
                   fps: Optional[float] = None, max_frames: Optional[int] = None, overwrite: bool = False,
-                  progress: bool = True, cuda_graph: bool = False) -> dict:
+                  progress: bool = True, cuda_graph: bool = False, video_resize: Optional[Tuple[int, int]] = None,
+                  preprocess_alignment: bool = False) -> dict:
     """Mattes every frame of `source` against `background` with `model` and
     writes the chosen outputs into `output_dir`.
 
@@ -137,6 +138,12 @@ def convert_video(model: torch.nn.Module, source: str, background: str, output_d
         cuda_graph: on a GPU, run the model as a CUDA graph
             (pymatting_ext.cuda_graph; sampling and full modes), one launch
             per batch instead of hundreds.
+        video_resize: (W, H): the source, background and target background
+            resized to it first (upstream's --video-resize); the outputs
+            have that size.
+        preprocess_alignment: align the background to each source frame by
+            a homography (upstream's --preprocess-alignment, for hand-held
+            shots; see align.py); needs OpenCV.
 
     Returns a summary: frames, seconds (wall), model_seconds (the model's
     own time, measured with CUDA events on a GPU), fps, the output paths and
@@ -158,6 +165,15 @@ def convert_video(model: torch.nn.Module, source: str, background: str, output_d
         raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
     if max_frames is not None and max_frames < 1:
         raise UserError(f"max frames must be positive, got {max_frames!r}")
+    if video_resize is not None:
+        if (len(video_resize) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in video_resize)
+                or min(video_resize) < 4):
+            raise UserError(f"video resize must be a width and a height of at least 4, got {video_resize!r}")
+        video_resize = (int(video_resize[0]), int(video_resize[1]))
+    aligner = None
+    if preprocess_alignment:
+        from .align import BackgroundAligner
+        aligner = BackgroundAligner()
 
     param = next(model.parameters(), None)
     dev = pick_device(str(device)) if device is not None else (param.device if param is not None else
@@ -172,14 +188,15 @@ def convert_video(model: torch.nn.Module, source: str, background: str, output_d
     # NB: on a CPU the model takes every core and FFmpeg's own thread pools
     # would only preempt its threads: one thread per stream keeps up there.
     io_threads = None if cuda else 1
-    src = Frames(source, "source", io_threads)
+    src = Frames(source, "source", io_threads, video_resize)
     opened = [src]
     try:
         return _convert(model, src, background, output_dir, opened, outputs=outputs,
                         output_format=output_format, target_background=target_background, dev=dev, dtype=dtype,
                         cuda=cuda, batch_size=batch_size, codec=codec, crf=crf, preset=preset,
                         video_mbps=video_mbps, fps=fps, max_frames=max_frames, overwrite=overwrite,
-                        progress=progress, use_graph=cuda_graph, io_threads=io_threads)
+                        progress=progress, use_graph=cuda_graph, io_threads=io_threads, video_resize=video_resize,
+                        aligner=aligner)
     finally:
         for frames in opened:
             frames.close()
@@ -187,7 +204,7 @@ def convert_video(model: torch.nn.Module, source: str, background: str, output_d
 
 def _convert(model, src: Frames, background, output_dir, opened, *, outputs, output_format, target_background,
              dev, dtype, cuda, batch_size, codec, crf, preset, video_mbps, fps, max_frames, overwrite,
-             progress, use_graph, io_threads) -> dict:
+             progress, use_graph, io_threads, video_resize, aligner) -> dict:
     if output_format is None:
         output_format = "video" if src.kind == "video" else "png"
     if output_format not in ("video", "png"):
@@ -196,16 +213,16 @@ def _convert(model, src: Frames, background, output_dir, opened, *, outputs, out
         check_codec(codec)
     H, W = src.height, src.width
 
-    bgr = Frames(background, "background", io_threads)
+    bgr = Frames(background, "background", io_threads, video_resize)
     opened.append(bgr)
     if (bgr.height, bgr.width) != (H, W):
         raise UserError(f"the source is {src.size_text()} but the background {background!r} is "
                         f"{bgr.size_text()}; they must be the same size")
     streamed = {"src": src}
     still = {}
-    if bgr.kind == "image":
+    if bgr.kind == "image" and aligner is None:
         still["bgr"] = load_still(bgr, dev, dtype)
-    else:
+    else:  # a video, or a still aligned anew to every frame (by the reader)
         streamed["bgr"] = bgr
 
     # What 'com' composites over: a colour, an image or a video; RGBA for png
@@ -218,7 +235,7 @@ def _convert(model, src: Frames, background, output_dir, opened, *, outputs, out
             parsed = parse_color(target)
             target = parsed if parsed is not None else target
         if isinstance(target, str):
-            tgt = Frames(target, "target background", io_threads)
+            tgt = Frames(target, "target background", io_threads, video_resize)
             opened.append(tgt)
             if (tgt.height, tgt.width) != (H, W):
                 raise UserError(f"the source is {src.size_text()} but the target background {target!r} is "
@@ -252,7 +269,7 @@ def _convert(model, src: Frames, background, output_dir, opened, *, outputs, out
 
     total = src.count if max_frames is None else min(max_frames, src.count or max_frames)
     bar = tqdm(total=total, unit="frame", desc="matte", dynamic_ncols=True, smoothing=0.1) if tqdm else None
-    reader = FrameReader(streamed, batch_size, max_frames, pin=cuda)
+    reader = FrameReader(streamed, batch_size, max_frames, pin=cuda, align=aligner)
     reader.start()
 
     pad_h, pad_w = (-H) % 4, (-W) % 4
@@ -410,7 +427,8 @@ def _convert(model, src: Frames, background, output_dir, opened, *, outputs, out
               "fps": frames_done / seconds if seconds > 0 else 0.0, "outputs": paths,
               "output_format": output_format, "width": W, "height": H, "padded": bool(pad_h or pad_w),
               "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "batch_size": batch_size,
-              "codec": codec if output_format == "video" else None, "video_fps": float(rate)}
+              "codec": codec if output_format == "video" else None, "video_fps": float(rate),
+              "video_resize": list(video_resize) if video_resize else None, "aligned": aligner is not None}
     if interrupted:
         raise ConversionInterrupted(result)
     raise_writer_error(writers, paths)

@@ -6,7 +6,7 @@ import queue
 import re
 import threading
 from fractions import Fraction
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -29,12 +29,17 @@ class Frames:
     RGB numpy arrays (H, W, 3). Opening decodes the first frame, so that an
     unreadable file is reported before any output is written.
 
-    Attributes: ``kind`` ('video', 'image' or 'folder'), ``width``,
-    ``height``, ``count`` (None if the container does not say), ``fps``
-    (a Fraction, None for images)."""
+    With ``size`` (W, H), every frame is resized to it as upstream's
+    --video-resize does (Pillow's bilinear filter, antialiased when it
+    shrinks, as torchvision's Resize on PIL images).
 
-    def __init__(self, path: str, what: str = "source", threads: Optional[int] = None):
-        self.path, self.what, self._threads = path, what, threads
+    Attributes: ``kind`` ('video', 'image' or 'folder'), ``width``,
+    ``height`` (after the resize), ``count`` (None if the container does
+    not say), ``fps`` (a Fraction, None for images)."""
+
+    def __init__(self, path: str, what: str = "source", threads: Optional[int] = None,
+                 size: Optional[Tuple[int, int]] = None):
+        self.path, self.what, self._threads, self._size = path, what, threads, size
         self.fps: Optional[Fraction] = None
         self.count: Optional[int] = None
         self._container = None
@@ -55,7 +60,14 @@ class Frames:
         else:
             self.kind = "video"
             self._open_video()
+        self._first = self._resized(self._first)
         self.height, self.width = self._first.shape[:2]
+
+    def _resized(self, frame):
+        if self._size is None or (frame.shape[1], frame.shape[0]) == tuple(self._size):
+            return frame
+        Image = pil_image("--video-resize")
+        return numpy_module().asarray(Image.fromarray(frame).resize(tuple(self._size), Image.BILINEAR))
 
     def _read_image(self, path: str):
         Image = pil_image()
@@ -96,15 +108,15 @@ class Frames:
         if self.kind == "folder":
             for path in self._files[1:]:
                 frame = self._read_image(path)
-                if frame.shape != self._first.shape:
+                if self._size is None and frame.shape != self._first.shape:
                     raise UserError(f"{self.what} image {path!r} is {frame.shape[1]}x{frame.shape[0]} but the "
                                     f"folder's first image is {self.width}x{self.height}")
-                yield frame
+                yield self._resized(frame)
         elif self.kind == "video":
             av = av_module()
             try:
                 for frame in self._decoder:
-                    yield frame.to_ndarray(format="rgb24")
+                    yield self._resized(frame.to_ndarray(format="rgb24"))
             except av.FFmpegError as exc:
                 raise UserError(f"cannot decode {self.what} {self.path!r}: {exc}") from None
 
@@ -117,19 +129,26 @@ class Frames:
         return f"{self.width}x{self.height}"
 
 
-def open_frames(path: str, what: str = "source", threads: Optional[int] = None) -> Frames:
+def open_frames(path: str, what: str = "source", threads: Optional[int] = None,
+                size: Optional[Tuple[int, int]] = None) -> Frames:
     """The frames of a video, an image or a folder of images (see Frames);
-    threads: FFmpeg's decoding threads (default: as many as it likes)."""
-    return Frames(path, what, threads)
+    threads: FFmpeg's decoding threads (default: as many as it likes); size:
+    (W, H) to resize every frame to."""
+    return Frames(path, what, threads, size)
 
 
 class FrameReader(threading.Thread):
     """Decodes batches of (source, background, target) frames into uint8
-    tensors (B, H, W, 3), pinned when the model is on a GPU."""
+    tensors (B, H, W, 3), pinned when the model is on a GPU. With ``align``
+    (align(src, bgr, frame number) -> bgr, see align.py), each background
+    frame is replaced by its alignment to its source frame, here, beside the
+    model."""
 
-    def __init__(self, sources: Dict[str, Frames], batch_size: int, max_frames: Optional[int], pin: bool):
+    def __init__(self, sources: Dict[str, Frames], batch_size: int, max_frames: Optional[int], pin: bool,
+                 align: Optional[Callable] = None):
         super().__init__(name="pymatting-ext-read", daemon=True)
         self.sources, self.batch_size, self.max_frames, self.pin = sources, batch_size, max_frames, pin
+        self.align = align
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.stop = threading.Event()
 
@@ -172,6 +191,9 @@ class FrameReader(threading.Thread):
                         batch[name].append(held[name])
                 if not batch["src"]:
                     break
+                if self.align is not None:
+                    batch["bgr"] = [self.align(src, bgr, done + i)
+                                    for i, (src, bgr) in enumerate(zip(batch["src"], batch["bgr"]))]
                 tensors = {}
                 for name, frames in batch.items():
                     t = torch.from_numpy(np.stack(frames))
