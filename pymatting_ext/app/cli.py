@@ -57,8 +57,10 @@ def _add_model_options(p: argparse.ArgumentParser, *, refine_defaults: Optional[
     g = p.add_argument_group("where and how it runs")
     g.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda where there is a GPU, else cpu)")
+    # NB: upstream's scripts spell them float32 and float16.
     g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=precision_default,
-                   help=f"default {precision_default}")
+                   type=lambda v: {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(v, v),
+                   help=f"fp32 (float32), fp16 (float16) or bf16 (bfloat16); default {precision_default}")
     g.add_argument("--backend", choices=["auto", "cpu", "cuda", "triton", "reference"], default="auto",
                    help="the refiner's kernels (default auto: see the README)")
 
@@ -125,7 +127,7 @@ def _add_matte(sub) -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="on a GPU, run the model as one CUDA graph per batch (sampling and full modes)")
     p.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop after N frames")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--overwrite", "-y", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the run's summary as JSON")
     _add_model_options(p)

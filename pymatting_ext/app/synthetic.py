@@ -18,7 +18,11 @@ def _synthetic_background(width: int, height: int):
     g = 0.45 + 0.30 * np.cos(4.0 * y + 2.0 * x)
     b = 0.50 + 0.25 * np.sin(9.0 * x * y + 0.5)
     checker = ((np.floor(x * 12) + np.floor(y * 8)) % 2) * 0.08
-    image = np.stack([r + checker, g - checker, b], axis=-1)
+    # A fixed speckle of 8x8 squares: the distinct corners a real scene has,
+    # which --preprocess-alignment's feature matching needs.
+    speckle = np.random.default_rng(0).uniform(-0.06, 0.06, ((height + 7) // 8, (width + 7) // 8))
+    speckle = np.kron(speckle, np.ones((8, 8)))[:height, :width]
+    image = np.stack([r + checker, g - checker, b], axis=-1) + speckle[..., None]
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
