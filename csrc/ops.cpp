@@ -1,7 +1,8 @@
 // The schemas of pymatting_ext's ops, registered once. Each backend registers
 // its kernels for these names in its own file (csrc/cpu/*.cpp for CPU,
-// kernels/cuda/*.cu for CUDA); fake kernels and autograd live in
-// pymatting_ext/_meta.py. DESIGN.md gives the semantics.
+// kernels/cuda/*.cu for CUDA); fake kernels live in pymatting_ext/_meta.py
+// and autograd in pymatting_ext/_autograd.py. docs/DESIGN.md gives the
+// semantics.
 #include <Python.h>
 #include <torch/library.h>
 

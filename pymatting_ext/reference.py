@@ -2,7 +2,7 @@
 
 Short and obviously right rather than fast. It is the oracle the tests hold
 every backend to, the backend used where no compiled kernel applies, and the
-differentiable path. Semantics are those of DESIGN.md; the compiled kernels
+differentiable path. Semantics are those of docs/DESIGN.md; the compiled kernels
 match them bit for bit except for float rounding in the bilinear weights.
 """
 from typing import List, Optional, Sequence, Tuple

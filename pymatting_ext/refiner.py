@@ -212,7 +212,7 @@ class Refiner(nn.Module):
     """Refines BackgroundMattingV2's coarse output to full resolution.
 
     Same arguments, defaults, parameter names and outputs as upstream's
-    ``Refiner``; see DESIGN.md for the algorithm. ``patch_crop_method`` and
+    ``Refiner``; see docs/DESIGN.md for the algorithm. ``patch_crop_method`` and
     ``patch_replace_method`` are accepted for compatibility: every choice
     gives the same (correct, also for batch > 1) result.
 
