@@ -356,22 +356,33 @@ def nan_channels_last(P, C, ph, pw, dtype, offset=0):
     return out
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ["refiner", "sixteen-byte runs", "odd runs", "whole, aligned", "whole, unaligned"])
-def test_crop_into_matches_reference(dtype, case):
-    B, H, W = 2, 48, 64
-    src, bgr = (torch.rand(B, 3, H, W).to(dtype).cuda() for _ in range(2))
-    coarse = torch.rand(B, 4, H // 4, W // 4).to(dtype).cuda()
-    _, idx, _ = reference.select_sampling(torch.rand(B, 1, H // 4, W // 4), 40, False)
-    idx = torch.cat([idx, torch.tensor([[0, 0, 0], [B - 1, H // 4 - 1, W // 4 - 1]])]).cuda()
-    inputs, c_out, offset, storage_offset = {
+def crop_into_case(case, src, bgr, coarse):
+    """(inputs, channels of out, channel offset, storage offset of out) of a
+    crop_into case (also run on the host execution harness)."""
+    return {
         # conv3's input: conv2's 16 channels, then [src, bgr] at [16, 22).
         "refiner": ([src, bgr], 22, 16, 0),
         "sixteen-byte runs": ([coarse, bgr[:, :2], src[:, 1:3]], 16, 8, 0),
         "odd runs": ([src, coarse], 12, 1, 0),
         "whole, aligned": ([coarse, src], 7, 0, 0),
         "whole, unaligned": ([coarse, src], 7, 0, 1),
+        "refiner, unaligned": ([src, bgr], 22, 16, 1),
     }[case]
+
+
+CROP_INTO_CASES = ["refiner", "sixteen-byte runs", "odd runs", "whole, aligned", "whole, unaligned",
+                   "refiner, unaligned"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CROP_INTO_CASES)
+def test_crop_into_matches_reference(dtype, case):
+    B, H, W = 2, 48, 64
+    src, bgr = (torch.rand(B, 3, H, W).to(dtype).cuda() for _ in range(2))
+    coarse = torch.rand(B, 4, H // 4, W // 4).to(dtype).cuda()
+    _, idx, _ = reference.select_sampling(torch.rand(B, 1, H // 4, W // 4), 40, False)
+    idx = torch.cat([idx, torch.tensor([[0, 0, 0], [B - 1, H // 4 - 1, W // 4 - 1]])]).cuda()
+    inputs, c_out, offset, storage_offset = crop_into_case(case, src, bgr, coarse)
     C = sum(t.shape[1] for t in inputs)
     out = nan_channels_last(idx.shape[0], c_out, 8, 8, dtype, storage_offset)
     assert ops.crop_into(inputs, idx, 4, 2, [H, W], offset, out) is None

@@ -22,7 +22,7 @@ from helpers import (
     random_bn_,
     refiner_inputs,
 )
-from test_cuda import ATOL, crop_case, replace_case, sampling_err
+from test_cuda import ATOL, CROP_INTO_CASES, crop_case, crop_into_case, replace_case, sampling_err
 
 import pymatting_ext as pm
 from pymatting_ext import reference
@@ -217,8 +217,7 @@ def nan_channels_last(P, C, ph, pw, dtype, offset=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ["refiner", "sixteen-byte runs", "odd runs", "whole, aligned", "whole, unaligned",
-                                  "refiner, unaligned"])
+@pytest.mark.parametrize("case", CROP_INTO_CASES)
 def test_crop_into(host, dtype, case):
     # Storage offsets of one element break the 16-byte alignment of out: the
     # kernel must take narrower stores (a misaligned one is an error here).
@@ -227,14 +226,7 @@ def test_crop_into(host, dtype, case):
     coarse = torch.rand(B, 4, H // 4, W // 4).to(dtype)
     _, idx, _ = reference.select_sampling(torch.rand(B, 1, H // 4, W // 4), 9, False)
     idx = torch.cat([idx, torch.tensor([[0, 0, 0], [B - 1, H // 4 - 1, W // 4 - 1]])])
-    inputs, c_out, offset, storage_offset = {
-        "refiner": ([src, bgr], 22, 16, 0),
-        "sixteen-byte runs": ([coarse, bgr[:, :2], src[:, 1:3]], 16, 8, 0),
-        "odd runs": ([src, coarse], 12, 1, 0),
-        "whole, aligned": ([coarse, src], 7, 0, 0),
-        "whole, unaligned": ([coarse, src], 7, 0, 1),
-        "refiner, unaligned": ([src, bgr], 22, 16, 1),
-    }[case]
+    inputs, c_out, offset, storage_offset = crop_into_case(case, src, bgr, coarse)
     C = sum(t.shape[1] for t in inputs)
     out = nan_channels_last(idx.shape[0], c_out, 8, 8, dtype, storage_offset)
     want = nan_channels_last(idx.shape[0], c_out, 8, 8, dtype, storage_offset)
