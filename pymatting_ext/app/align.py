@@ -32,8 +32,13 @@ class BackgroundAligner:
     RGB arrays, the same size); ``homography(src, bgr, frame)`` -> the 3x3
     matrix mapping background pixel coordinates to the frame's."""
 
-    def __init__(self, features: int = 4000, reprojection_px: float = 2.0):
+    def __init__(self, features: int = 4000, reprojection_px: float = 2.0, threads: Optional[int] = None):
         self.cv2 = require("cv2", "--preprocess-alignment")
+        if threads is not None:
+            # NB: process-wide. On the CPU convert_video gives OpenCV one
+            # thread, as FFmpeg gets: the model has the cores, and a second
+            # thread pool beside its OpenMP team only preempts it.
+            self.cv2.setNumThreads(threads)
         self.np = numpy_module("--preprocess-alignment")
         self.orb = self.cv2.ORB_create(nfeatures=features)
         self.matcher = self.cv2.BFMatcher(self.cv2.NORM_HAMMING, crossCheck=True)
@@ -75,10 +80,14 @@ class BackgroundAligner:
         warped = cv2.warpPerspective(bgr, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
         # Where the warped background has no pixels (or blends with the
         # border), the frame's own, as upstream: the difference there is
-        # zero, so nothing is matted in.
+        # zero, so nothing is matted in. Covered: the background's rectangle,
+        # a pixel inside its edges, mapped into the frame.
         np = self.np
-        covered = cv2.warpPerspective(np.ones((h, w), np.float32), matrix, (w, h), flags=cv2.INTER_LINEAR,
-                                      borderMode=cv2.BORDER_CONSTANT)
-        uncovered = covered < 1 - 1e-4
+        bh, bw = bgr.shape[:2]
+        corners = np.float32([[1, 1], [bw - 2, 1], [bw - 2, bh - 2], [1, bh - 2]])[None]
+        quad = cv2.perspectiveTransform(corners, matrix)[0]
+        covered = np.zeros((h, w), np.uint8)
+        cv2.fillConvexPoly(covered, np.round(quad * 16).astype(np.int32), 1, lineType=cv2.LINE_8, shift=4)
+        uncovered = covered == 0
         warped[uncovered] = src[uncovered]
         return warped

@@ -173,7 +173,6 @@ def convert_video(model: torch.nn.Module, source: str, background: str, output_d
     aligner = None
     if preprocess_alignment:
         from .align import BackgroundAligner
-        aligner = BackgroundAligner()
 
     param = next(model.parameters(), None)
     dev = pick_device(str(device)) if device is not None else (param.device if param is not None else
@@ -182,6 +181,8 @@ def convert_video(model: torch.nn.Module, source: str, background: str, output_d
                                                                torch.float32)
     model = model.to(device=dev, dtype=dtype).eval()
     cuda = dev.type == "cuda"
+    if preprocess_alignment:
+        aligner = BackgroundAligner(threads=None if cuda else 1)
     if cuda_graph and not cuda:
         raise UserError("CUDA graphs need a CUDA device (--device cuda)")
 
