@@ -17,6 +17,7 @@ from .ops import compose, compose_into, crop, crop_into, replace, select_samplin
 from .refiner import Refiner
 from .models import MattingBase, MattingRefine, accelerate
 from .graphs import cuda_graph
+from ._warmup import warmup
 
 if _extension.available():
     from . import _autograd, _meta
@@ -27,7 +28,7 @@ else:
 
 __version__ = "0.1.0"
 
-__all__ = ["Refiner", "MattingBase", "MattingRefine", "accelerate", "cuda_graph",
+__all__ = ["Refiner", "MattingBase", "MattingRefine", "accelerate", "cuda_graph", "warmup",
            "ops", "reference", "select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose",
            "compose_into", "BACKENDS", "build_info", "extension_available", "library_path", "convert_video"]
 

@@ -20,6 +20,7 @@ The environment variable PYMATTING_EXT_BACKEND, when set to a backend name,
 replaces 'auto' everywhere (an explicit ``backend=`` still wins). A backend
 that cannot run the tensors at hand raises an error saying why.
 """
+import importlib.util
 import os
 from typing import List, Optional
 
@@ -27,7 +28,7 @@ import torch
 
 from . import _extension
 
-__all__ = ["BACKENDS", "ENV_VAR", "resolve", "compiled_backends", "triton_status"]
+__all__ = ["BACKENDS", "ENV_VAR", "resolve", "compiled_backends", "triton_status", "load_triton"]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -41,8 +42,19 @@ _triton_state = None  # None: not tried yet; else (ok, why)
 
 
 def triton_status():
-    """(True, '') once the Triton backend is importable, else (False, why).
-    The first call imports Triton and defines the kernels."""
+    """(True, '') if the Triton backend can be used, else (False, why),
+    without loading it: load_triton's result once it has run, before that
+    whether Triton is installed."""
+    if _triton_state is not None:
+        return _triton_state
+    if importlib.util.find_spec("triton") is None:
+        return False, "Triton is not installed; `pip install triton`"
+    return True, ""
+
+
+def load_triton():
+    """Imports Triton and defines the Triton kernels and ops (registering
+    the pymatting_ext_triton ops), once; (True, '') or (False, why)."""
     global _triton_state
     if _triton_state is None:
         try:
@@ -71,7 +83,7 @@ def _auto(device: torch.device, dtype: Optional[torch.dtype]) -> str:
     if device.type == "cuda":
         if _extension.cuda_kernels():
             return "cuda"
-        if (dtype is None or dtype in TRITON_DTYPES) and triton_status()[0]:
+        if (dtype is None or dtype in TRITON_DTYPES) and load_triton()[0]:
             return "triton"
     return "reference"
 
@@ -103,7 +115,7 @@ def resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype] = N
                                f"kernels ({_extension.build_config().get('reason', 'unknown reason')}); "
                                "rebuild with a CUDA toolkit (PYMATTING_EXT_CUDA=1), or use 'triton' or 'reference'")
     elif backend == "triton":
-        ok, why = triton_status()
+        ok, why = load_triton()
         if not ok:
             raise RuntimeError(f"backend='triton' is not available: {why}")
         if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):

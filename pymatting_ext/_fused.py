@@ -25,8 +25,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._backend import TRITON_DTYPES, triton_interpreting, triton_status
-from .refiner import check_images
+from ._backend import TRITON_DTYPES, load_triton, triton_interpreting
+from ._checks import check_images
 
 __all__ = ["refine_sparse"]
 
@@ -45,7 +45,7 @@ def _weight_shapes(k: int):
 def _kernels():
     """kernels/triton/fused.py, imported on first use (Triton decides
     between compiling and interpreting when the kernels are defined)."""
-    ok, why = triton_status()
+    ok, why = load_triton()
     if not ok:
         raise RuntimeError(f"{_OP}: the fused refiner needs Triton: {why}")
     from .triton_kernels import fused

@@ -16,7 +16,7 @@ NB: the bodies call the launchers by their bare names: torch finds a
 triton_op's kernels by reading its source (through such calls down to the
 ``wrap_triton(kernel)`` call sites) and hashes them into its compile cache.
 
-Imported on first use of backend='triton' (see _backend.triton_status): Triton
+Imported on first use of backend='triton' (_backend.load_triton): Triton
 decides between compiling and interpreting (TRITON_INTERPRET=1) when the
 kernels are defined.
 """

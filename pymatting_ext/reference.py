@@ -5,7 +5,7 @@ every backend to, the backend used where no compiled kernel applies, and the
 differentiable path. Semantics are those of docs/DESIGN.md; the compiled kernels
 match them bit for bit except for float rounding in the bilinear weights.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

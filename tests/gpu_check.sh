@@ -327,14 +327,14 @@ phase_warmup() {
     "$PY" - <<'EOF'
 import time
 import torch
-from pymatting_ext import triton_kernels
+import pymatting_ext
 if torch.cuda.is_available():
     device, dtypes, kw = "cuda", (torch.float32, torch.float16, torch.bfloat16), {}
 else:  # the interpreter compiles nothing: one small pass, to rehearse the call
     device, dtypes, kw = "cpu", (torch.float32,), dict(modes=("sampling",), epilogue=False)
 for dtype in dtypes:
     t0 = time.perf_counter()
-    counts = triton_kernels.warmup(device, dtype, **kw)
+    counts = pymatting_ext.warmup(device, dtype, **kw)
     print(f"{dtype}: {time.perf_counter() - t0:.1f} s, compiled variants {counts or '(interpreter: none)'}")
 EOF
 }

@@ -53,3 +53,18 @@ def test_triton_kernels_are_installed_with_the_package():
     # editable install.
     assert os.path.basename(os.path.dirname(kernels.__file__)) in ("triton_kernels", "triton")
     assert pymatting_ext._backend.triton_status() == (True, "")
+
+
+def test_asking_for_tritons_status_loads_nothing():
+    # A status query has no side effect: the Triton ops are defined and
+    # registered on the first use of backend='triton', not by asking.
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+    code = ("import sys, pymatting_ext; from pymatting_ext import _backend; "
+            "ok, why = _backend.triton_status(); "
+            "print(ok, 'pymatting_ext._triton' in sys.modules, 'triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=subprocess_env()).stdout.split()
+    assert out[1:] == ["False", "False"], out

@@ -442,7 +442,7 @@ def test_warmup_runs_float32_with_tf32_on_and_off(monkeypatch):
     # The fused kernel compiles one variant per tl.dot precision: warmup
     # runs float32 under both settings of allow_tf32 (the tests turn it off,
     # PyTorch's default is on) and restores the caller's.
-    from pymatting_ext import triton_kernels
+    from pymatting_ext import _warmup
     seen = set()
 
     class Spy(pm.Refiner):
@@ -450,8 +450,8 @@ def test_warmup_runs_float32_with_tf32_on_and_off(monkeypatch):
             seen.add(torch.backends.cudnn.allow_tf32)
             return super().forward(*args, **kwargs)
 
-    monkeypatch.setattr(pm, "Refiner", Spy)
+    monkeypatch.setattr(_warmup, "Refiner", Spy)
     before = torch.backends.cudnn.allow_tf32
-    triton_kernels.warmup(DEVICE, torch.float32, modes=("sampling",), epilogue=False)
+    pm.warmup(DEVICE, torch.float32, modes=("sampling",), epilogue=False)
     assert seen == {True, False}
     assert torch.backends.cudnn.allow_tf32 == before

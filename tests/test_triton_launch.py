@@ -202,8 +202,7 @@ def test_compiled_variants_stay_bounded_over_a_video(mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_warmup_compiles_what_an_hd_frame_needs(dtype):
     _needs_compiled_triton()
-    from pymatting_ext import triton_kernels
-    after_warmup = triton_kernels.warmup("cuda", dtype)
+    after_warmup = pm.warmup("cuda", dtype)
     assert after_warmup and all(n >= 0 for n in after_warmup.values())
     with torch.no_grad():
         for mode in ("sampling", "thresholding", "full"):
@@ -219,7 +218,7 @@ def test_warmup_runs_under_the_interpreter(device, backend):
     from pymatting_ext import triton_kernels
     if triton_kernels.compiled():
         pytest.skip("covered by test_warmup_compiles_what_an_hd_frame_needs")
-    assert triton_kernels.warmup("cpu", torch.float32, modes=("sampling",), epilogue=False) == {}
+    assert pm.warmup("cpu", torch.float32, modes=("sampling",), epilogue=False) == {}
 
 
 # -- select_sampling's keys -------------------------------------------------------

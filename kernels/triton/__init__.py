@@ -9,8 +9,9 @@ while an op registered from them in ``pymatting_ext._triton`` is traced by
 torch.compile, and launches the kernels directly otherwise.
 
 Integer size arguments are not specialised (``do_not_specialize``), so one
-compiled variant per kernel and dtype serves every frame size; ``warmup``
-compiles the ones the Refiner uses ahead of the first frame. Nor do the
+compiled variant per kernel and dtype serves every frame size;
+``pymatting_ext.warmup`` compiles the ones the Refiner uses ahead of the
+first frame (``compiled_variants`` counts them). Nor do the
 launchers need concrete sizes: the resize scale is computed in the kernels
 (``common.resize_scale``), so under ``torch.compile(dynamic=True)`` a new
 frame size reuses the graph. Every launch pins Triton's ``enable_fp_fusion``
@@ -24,7 +25,7 @@ from .common import compiled
 from .select import select_sampling, select_thresholding
 from .crop import crop, crop_into
 from .compose import compose, compose_into, replace
-from .warmup import compiled_variants, warmup
+from .variants import compiled_variants
 
 __all__ = ["select_sampling", "select_thresholding", "crop", "crop_into", "replace", "compose", "compose_into",
-           "compiled", "warmup", "compiled_variants"]
+           "compiled", "compiled_variants"]

@@ -1,41 +1,13 @@
-"""Compiling the kernels ahead of the first frame, and counting what was
-compiled."""
-import sys
+"""pymatting_ext.warmup: the Triton kernels compiled ahead of the first
+frame, by running small Refiners of every mode (above the Refiner and the
+kernels, so that neither imports the other's side)."""
 from typing import Sequence
 
 import torch
 
-from .common import compiled
+from .refiner import Refiner
 
-
-def _kernels():
-    """Every launched @triton.jit kernel (named *_kernel) of the package's
-    loaded modules, by name."""
-    import triton
-
-    found = {}
-    prefix = f"{__package__}."
-    for module_name, module in list(sys.modules.items()):
-        if not module_name.startswith(prefix) or module is None:
-            continue
-        name = module_name[len(prefix):]
-        for attr, value in vars(module).items():
-            if attr.endswith("_kernel") and isinstance(value, triton.runtime.jit.JITFunction):
-                found[f"{name}.{attr}"] = value
-    return found
-
-
-def compiled_variants() -> dict:
-    """{kernel name: number of compiled variants (all devices)}; empty under
-    the interpreter, which compiles nothing."""
-    counts = {}
-    for name, kernel in _kernels().items():
-        caches = getattr(kernel, "device_caches", None)
-        if caches is not None:  # Triton >= 3.0: device -> (kernel cache, ...)
-            counts[name] = sum(len(entry[0]) for entry in caches.values())
-        else:  # pragma: no cover - older Triton
-            counts[name] = sum(len(c) for c in getattr(kernel, "cache", {}).values())
-    return counts
+__all__ = ["warmup"]
 
 
 def warmup(device="cuda", dtype: torch.dtype = torch.float32, *,
@@ -56,7 +28,8 @@ def warmup(device="cuda", dtype: torch.dtype = torch.float32, *,
     process). Returns compiled_variants() afterwards. Under the interpreter
     it runs the same calls and compiles nothing.
     """
-    from pymatting_ext import Refiner  # the package imports this module first
+    # NB: here, not at the top: `import pymatting_ext` needs no Triton.
+    from .triton_kernels import compiled, compiled_variants
 
     device = torch.device(device)
     H, W = 64, 96
