@@ -123,7 +123,7 @@ def test_the_aligned_matte_is_the_matte_of_a_matching_background(clip, tmp_path)
     # range, and 99% of the pixels within 5%: the plate is resampled twice
     # (a warp of the scene, then the alignment's) where the exact background
     # is resampled once, by warps within a pixel of each other (measured:
-    # means 0.5-0.8%, 99th percentiles 1.6-3.1%).
+    # means 0.5-0.8%, 99th percentiles 1.6-2.8%).
     for t in range(FRAMES):
         diff = np.abs(got[t] - want[t])
         assert diff.mean() < 0.01, (t, float(diff.mean()))
