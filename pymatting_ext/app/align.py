@@ -87,7 +87,9 @@ class BackgroundAligner:
         corners = np.float32([[1, 1], [bw - 2, 1], [bw - 2, bh - 2], [1, bh - 2]])[None]
         quad = cv2.perspectiveTransform(corners, matrix)[0]
         covered = np.zeros((h, w), np.uint8)
-        cv2.fillConvexPoly(covered, np.round(quad * 16).astype(np.int32), 1, lineType=cv2.LINE_8, shift=4)
+        # NB: fillPoly, not fillConvexPoly: a strong perspective can map the
+        # rectangle to a quadrilateral that is not convex.
+        cv2.fillPoly(covered, [np.round(quad * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
         uncovered = covered == 0
         warped[uncovered] = src[uncovered]
         return warped

@@ -170,10 +170,6 @@ def convert_video(model: torch.nn.Module, source: str, background: str, output_d
                 or min(video_resize) < 4):
             raise UserError(f"video resize must be a width and a height of at least 4, got {video_resize!r}")
         video_resize = (int(video_resize[0]), int(video_resize[1]))
-    aligner = None
-    if preprocess_alignment:
-        from .align import BackgroundAligner
-
     param = next(model.parameters(), None)
     dev = pick_device(str(device)) if device is not None else (param.device if param is not None else
                                                                torch.device("cpu"))
@@ -181,14 +177,16 @@ def convert_video(model: torch.nn.Module, source: str, background: str, output_d
                                                                torch.float32)
     model = model.to(device=dev, dtype=dtype).eval()
     cuda = dev.type == "cuda"
-    if preprocess_alignment:
-        aligner = BackgroundAligner(threads=None if cuda else 1)
     if cuda_graph and not cuda:
         raise UserError("CUDA graphs need a CUDA device (--device cuda)")
 
     # NB: on a CPU the model takes every core and FFmpeg's own thread pools
     # would only preempt its threads: one thread per stream keeps up there.
     io_threads = None if cuda else 1
+    aligner = None
+    if preprocess_alignment:  # OpenCV threads as FFmpeg's (see align.py)
+        from .align import BackgroundAligner
+        aligner = BackgroundAligner(threads=io_threads)
     src = Frames(source, "source", io_threads, video_resize)
     opened = [src]
     try:
