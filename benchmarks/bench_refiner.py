@@ -150,6 +150,7 @@ def breakdown(refiner, x, device, warmup, repeat):
     without the stopwatch)."""
     import resource
 
+    from pymatting_ext import ops
     from pymatting_ext import refiner as module
 
     src, bgr, pha, fgr, err, hid = x
@@ -172,14 +173,16 @@ def breakdown(refiner, x, device, warmup, repeat):
             return result
         return call
 
-    patched = {"_select_sampling": "select", "_select_thresholding": "select", "_crop": "crop",
-               "_crop_into": "crop", "_py_refine_fused": "fused", "_compose": "compose",
-               "_py_compose_into": "compose"}
-    saved = {name: getattr(module, name) for name in patched}
+    # (module, name): step. The Refiner calls the ops as ops.run_* and the
+    # fused kernel as refiner.refine_sparse, looked up at each call.
+    patched = {(ops, "run_select_sampling"): "select", (ops, "run_select_thresholding"): "select",
+               (ops, "run_crop"): "crop", (ops, "run_crop_into"): "crop", (module, "refine_sparse"): "fused",
+               (ops, "run_compose"): "compose", (ops, "run_compose_into"): "compose"}
+    saved = {key: getattr(*key) for key in patched}
 
     def stopwatch(on):
-        for name, step in patched.items():
-            setattr(module, name, timed(saved[name], step) if on else saved[name])
+        for (where, name), step in patched.items():
+            setattr(where, name, timed(saved[where, name], step) if on else saved[where, name])
         if on:
             refiner._stage1 = timed(type(refiner)._stage1.__get__(refiner), "convolutions")
             refiner._stage2 = timed(type(refiner)._stage2.__get__(refiner), "convolutions")

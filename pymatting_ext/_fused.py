@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ._backend import TRITON_DTYPES, load_triton, triton_interpreting
-from ._checks import check_images
+from ._checks import check_images, weight_shapes
 
 __all__ = ["refine_sparse"]
 
@@ -35,11 +35,6 @@ _OP = "refine_sparse"
 
 #: The folded weights' names, in Refiner._folded()'s order.
 _WEIGHT_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3", "w4", "b4")
-
-
-def _weight_shapes(k: int):
-    # As kernels/triton/fused.weight_shapes, without importing Triton.
-    return [(24, 42, k, k), (24,), (16, 24, k, k), (16,), (12, 22, k, k), (12,), (4, 12, k, k), (4,)]
 
 
 def _kernels():
@@ -57,7 +52,9 @@ def _check(src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, hid: Tensor, idx:
     """Shapes, dtypes and devices (never values: no synchronisation); a
     ValueError naming the argument."""
     op = _OP
-    check_images(op, (("src", src), ("bgr", bgr), ("pha", pha), ("fgr", fgr), ("hid", hid)), TRITON_DTYPES)
+    check_images(op, ["src", "bgr", "pha", "fgr", "hid"], [src, bgr, pha, fgr, hid])
+    if src.dtype not in TRITON_DTYPES:
+        raise ValueError(f"{op}: inputs must be float32, float16 or bfloat16, got {src.dtype}")
     if not isinstance(idx, Tensor):
         raise TypeError(f"{op}: idx must be a Tensor, got {type(idx).__name__}")
     if src.device.type != "cuda" and not (src.device.type == "cpu" and triton_interpreting()):
@@ -79,7 +76,7 @@ def _check(src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, hid: Tensor, idx:
     if len(weights) != len(_WEIGHT_NAMES):
         raise ValueError(f"{op}: weights must be the 8 folded tensors [w1, b1, w2, b2, w3, b3, w4, b4] "
                          f"(Refiner._folded()), got {len(weights)}")
-    for name, w, shape in zip(_WEIGHT_NAMES, weights, _weight_shapes(kernel_size)):
+    for name, w, shape in zip(_WEIGHT_NAMES, weights, weight_shapes(kernel_size)):
         if not isinstance(w, Tensor):
             raise TypeError(f"{op}: weights[{name}] must be a Tensor, got {type(w).__name__}")
         if tuple(w.shape) != shape:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._backend import BACKENDS
-from .refiner import _CROP_METHODS, _MODES, _REPLACE_METHODS, Refiner
+from ._checks import check_images, check_refiner_settings
+from .refiner import Refiner
 
 __all__ = ["Base", "MattingBase", "MattingRefine", "accelerate", "BACKBONES"]
 
@@ -179,30 +180,6 @@ class Base(nn.Module):
             print(f"Loaded state_dict: {len(matched)}/{len(current)} matched")
 
 
-def _check_images(who: str, src: Tensor, bgr: Tensor, multiple_of_4: bool) -> None:
-    for name, t in (("src", src), ("bgr", bgr)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{who}: {name} must be a Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{who}: {name} must be 4-D (B, 3, H, W), got shape {list(t.shape)}")
-        if t.shape[1] != 3:
-            raise ValueError(f"{who}: {name} must have 3 (RGB) channels, got shape {list(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{who}: {name} must be a floating-point tensor with values in 0..1, got {t.dtype}")
-    if src.shape != bgr.shape:
-        raise ValueError(f"{who}: src and bgr must have the same shape, got {list(src.shape)} "
-                         f"and {list(bgr.shape)}")
-    if src.device != bgr.device:
-        raise ValueError(f"{who}: src and bgr must be on the same device, got {src.device} and {bgr.device}")
-    if src.dtype != bgr.dtype:
-        raise ValueError(f"{who}: src and bgr must have the same dtype, got {src.dtype} and {bgr.dtype}")
-    if src.numel() == 0:
-        raise ValueError(f"{who}: src and bgr must not be empty, got shape {list(src.shape)}")
-    if multiple_of_4 and (src.shape[2] % 4 != 0 or src.shape[3] % 4 != 0):
-        raise ValueError(f"{who}: src and bgr must have a height and width divisible by 4, "
-                         f"got {src.shape[2]}x{src.shape[3]}")
-
-
 class MattingBase(Base):
     """The coarse matting network; upstream's ``MattingBase``.
 
@@ -244,7 +221,7 @@ class MattingBase(Base):
         return pha, x[:, 1:4], err, hid
 
     def forward(self, src: Tensor, bgr: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        _check_images("MattingBase", src, bgr, False)
+        check_images("MattingBase", ["src", "bgr"], [src, bgr], False, False)
         if not torch.jit.is_scripting():
             self._check_against_model("MattingBase", src)
         pha, fgr_residual, err, hid = self._coarse(src, bgr)
@@ -282,19 +259,9 @@ class MattingRefine(MattingBase):
         if (isinstance(backbone_scale, bool) or not isinstance(backbone_scale, (int, float))
                 or not 0 < backbone_scale <= 0.5):
             raise ValueError(f"MattingRefine: backbone_scale must be a number in (0, 1/2], got {backbone_scale!r}")
-        choices = (("refine_mode", refine_mode, _MODES), ("refine_kernel_size", refine_kernel_size, (1, 3)),
-                   ("refine_patch_crop_method", refine_patch_crop_method, _CROP_METHODS),
-                   ("refine_patch_replace_method", refine_patch_replace_method, _REPLACE_METHODS),
-                   ("backend", backend, BACKENDS))
-        for name, value, allowed in choices:
-            if value not in allowed:
-                raise ValueError(f"MattingRefine: {name} must be one of {allowed}, got {value!r}")
-        if (isinstance(refine_sample_pixels, bool) or not isinstance(refine_sample_pixels, int)
-                or refine_sample_pixels < 0):
-            raise ValueError(f"MattingRefine: refine_sample_pixels must be a non-negative int, "
-                             f"got {refine_sample_pixels!r}")
-        if isinstance(refine_threshold, bool) or not isinstance(refine_threshold, (int, float)):
-            raise ValueError(f"MattingRefine: refine_threshold must be a number, got {refine_threshold!r}")
+        check_refiner_settings("MattingRefine", refine_mode, refine_sample_pixels, refine_threshold,
+                               refine_kernel_size, refine_patch_crop_method, refine_patch_replace_method, backend,
+                               prefix="refine_")
         super().__init__(backbone)
         self.backbone_scale = backbone_scale
         self.refiner = Refiner(refine_mode, refine_sample_pixels, refine_threshold, refine_kernel_size,
@@ -305,7 +272,7 @@ class MattingRefine(MattingBase):
     # (backbone_scale, backbone, aspp, decoder, refiner), so that accelerate()
     # can turn an upstream instance into this class in place.
     def forward(self, src: Tensor, bgr: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        _check_images("MattingRefine", src, bgr, True)
+        check_images("MattingRefine", ["src", "bgr"], [src, bgr], True, False)
         if not torch.jit.is_scripting():
             self._check_against_model("MattingRefine", src)
         H, W = src.shape[2], src.shape[3]

@@ -7,9 +7,10 @@ Refiner calls the unchecked run_* functions).
 
 Shapes: B images, cells of the stride grid indexed by idx rows (b, y, x).
 """
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
 from . import reference
 from ._backend import resolve
@@ -277,9 +278,12 @@ def _check_compose(op, coarse, patches, idx, valid, size, src):
     return size
 
 
-# The ops without argument checks, on a resolved backend. For callers that
-# made their own checks and whose idx comes from a select op (Refiner): the
-# reference's value check of idx would synchronise with the device.
+# The ops without argument checks, on a resolved backend: one call from the
+# caller to the dispatcher (or the reference). For callers that made their
+# own checks and whose idx comes from a select op (Refiner): the reference's
+# value check of idx would synchronise with the device. Scriptable: in
+# TorchScript they call the C++ ops, whose kernels the dispatcher picks by
+# device, and `backend` is ignored.
 
 def _compiled(backend: str):
     """The op namespace of a compiled backend: the C++ schemas (whose CPU and
@@ -287,51 +291,69 @@ def _compiled(backend: str):
     return torch.ops.pymatting_ext_triton if backend == "triton" else torch.ops.pymatting_ext
 
 
-def run_select_sampling(backend: str, err, k: int, prevent_oversampling: bool):
+def run_select_sampling(backend: str, err: Tensor, k: int,
+                        prevent_oversampling: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    if torch.jit.is_scripting():
+        return torch.ops.pymatting_ext.select_sampling(err, k, prevent_oversampling)
     if backend == "reference":
         return reference.select_sampling(err, k, prevent_oversampling)
     return _compiled(backend).select_sampling(err, k, prevent_oversampling)
 
 
-def run_select_thresholding(backend: str, err, threshold: float):
+def run_select_thresholding(backend: str, err: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
+    if torch.jit.is_scripting():
+        return torch.ops.pymatting_ext.select_thresholding(err, threshold)
     if backend == "reference":
         return reference.select_thresholding(err, threshold)
     return _compiled(backend).select_thresholding(err, threshold)
 
 
-def run_crop(backend: str, inputs, idx, stride: int, padding: int, image_size, patch_size=None):
-    if patch_size is None:
-        patch_size = (stride + 2 * padding,) * 2
+def run_crop(backend: str, inputs: List[Tensor], idx: Tensor, stride: int, padding: int, image_size: List[int],
+             patch_size: Optional[List[int]] = None) -> Tensor:
+    size = [stride + 2 * padding, stride + 2 * padding] if patch_size is None else patch_size
+    if torch.jit.is_scripting():
+        return torch.ops.pymatting_ext.crop(inputs, idx, stride, padding, image_size, size)
     if backend == "reference":
-        return reference.crop(inputs, idx, stride, padding, tuple(image_size), tuple(patch_size))
-    return _compiled(backend).crop(list(inputs), idx, stride, padding, list(image_size), list(patch_size))
+        return reference.crop(inputs, idx, stride, padding, tuple(image_size), tuple(size))
+    return _compiled(backend).crop(list(inputs), idx, stride, padding, list(image_size), list(size))
 
 
-def run_crop_into(backend: str, inputs, idx, stride: int, padding: int, image_size, channel_offset: int, out):
+def run_crop_into(backend: str, inputs: List[Tensor], idx: Tensor, stride: int, padding: int,
+                  image_size: List[int], channel_offset: int, out: Tensor) -> None:
     """run_crop writing into channels [channel_offset, ...) of the channels-last
     out (P, C_out, ph, pw) instead of a new tensor."""
-    if backend == "reference":
+    if torch.jit.is_scripting():
+        torch.ops.pymatting_ext.crop_into(inputs, idx, stride, padding, image_size, channel_offset, out)
+    elif backend == "reference":
         reference.crop_into(inputs, idx, stride, padding, tuple(image_size), channel_offset, out)
     else:
         _compiled(backend).crop_into(list(inputs), idx, stride, padding, list(image_size), channel_offset, out)
 
 
-def run_replace(backend: str, x, patches, idx, valid):
+def run_replace(backend: str, x: Tensor, patches: Tensor, idx: Tensor, valid: Optional[Tensor]) -> Tensor:
+    if torch.jit.is_scripting():
+        return torch.ops.pymatting_ext.replace(x, patches, idx, valid)
     if backend == "reference":
         return reference.replace(x, patches, idx, valid)
     return _compiled(backend).replace(x, patches, idx, valid)
 
 
-def run_compose(backend: str, coarse, patches, idx, valid, size, src=None):
+def run_compose(backend: str, coarse: Tensor, patches: Tensor, idx: Tensor, valid: Optional[Tensor],
+                size: List[int], src: Optional[Tensor] = None) -> Tensor:
+    if torch.jit.is_scripting():
+        return torch.ops.pymatting_ext.compose(coarse, patches, idx, valid, size, src)
     if backend == "reference":
         return reference.compose(coarse, patches, idx, valid, tuple(size), src)
     return _compiled(backend).compose(coarse, patches, idx, valid, list(size), src)
 
 
-def run_compose_into(backend: str, coarse, patches, idx, valid, src, out):
+def run_compose_into(backend: str, coarse: Tensor, patches: Tensor, idx: Tensor, valid: Optional[Tensor],
+                     src: Optional[Tensor], out: Tensor) -> None:
     """run_compose writing into the contiguous out (B, C, H, W) instead of a
     new tensor."""
-    if backend == "reference":
+    if torch.jit.is_scripting():
+        torch.ops.pymatting_ext.compose_into(coarse, patches, idx, valid, src, out)
+    elif backend == "reference":
         reference.compose_into(coarse, patches, idx, valid, src, out)
     else:
         _compiled(backend).compose_into(coarse, patches, idx, valid, src, out)

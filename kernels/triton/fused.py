@@ -78,14 +78,7 @@ import triton.language as tl
 from .common import (FP_FUSION, clamp01, compiled, device_guard, linear_mix, linear_scale, linear_tap,
                      round_weights, to_dtype, wrap_triton)
 
-__all__ = ["refine_patches_into", "fill_coarse_into", "refine_sparse", "launch_config", "coarse_tiling",
-           "weight_shapes"]
-
-
-def weight_shapes(k: int):
-    """Shapes of the folded [w1, b1, w2, b2, w3, b3, w4, b4] for kernel size
-    k (BackgroundMattingV2's channels: 42 -> 24 -> 16, 16 + 6 -> 12 -> 4)."""
-    return [(24, 42, k, k), (24,), (16, 24, k, k), (16,), (12, 22, k, k), (12,), (4, 12, k, k), (4,)]
+__all__ = ["refine_patches_into", "fill_coarse_into", "refine_sparse", "launch_config", "coarse_tiling"]
 
 
 # -- the fused patch kernel ---------------------------------------------------
