@@ -21,7 +21,7 @@ float32, 31 KB in float16; the compiled code stages them through shared
 memory tap by tap), so BLOCK_P patches a program divide that traffic by
 BLOCK_P, at the cost of registers and shared memory (fewer programs
 resident on an SM to hide the gathers' latency). Which wins can only be
-timed: `python tests/test_triton_compile.py --fused` prints the registers
+timed: `python tests/build_checks/test_triton_compile.py --fused` prints the registers
 and shared memory of the defaults.
 
 Writes <out>/fused_tiling_<dtype>.json (and .txt) after every tiling, so a

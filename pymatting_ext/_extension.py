@@ -77,7 +77,7 @@ def _installed_elsewhere(here: str) -> Optional[str]:
 
 def _explain() -> str:
     """Why _C did not load, and what to do: the cause told apart from the
-    error and the build record (each case is simulated in tests/test_load.py)."""
+    error and the build record (each case is simulated in tests/build_checks/test_load.py)."""
     here = os.path.dirname(os.path.abspath(__file__))
     error = f"{type(_LOAD_ERROR).__name__}: {_LOAD_ERROR}"
     text = str(_LOAD_ERROR)

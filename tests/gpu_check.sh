@@ -28,17 +28,18 @@
 #   deps     25   upstream's package from .whl/ (pip --no-index), checked
 #   build   180   this checkout for the GPU found (its compute capability
 #                 only), into the work folder; reused when the sources match
-#   fused   120   tests/test_fused.py in one process, first: the fused
+#   fused   120   tests/refiner/test_fused.py in one process, first: the fused
 #                 kernel's cases (bf16, duplicate cells, odd sizes, ...)
 #   warmup   45   the other Triton kernels compiled in one process, for
 #                 fp32, fp16 and bf16, before xdist starts
-#   tests   150   the GPU tests in parallel (pytest -n): test_gpu.py,
-#                 test_cuda.py and every CUDA case of the other files,
+#   tests   150   the GPU tests in parallel (pytest -n): every CUDA case
+#                 (the tests of the CUDA kernels, the classes
+#                 TestCUDAKernels, and every case whose name says cuda),
 #                 without the heavy ones (marker gpu_extra)
 #   sanitize 80   compute-sanitizer (sanitize_cases.py: memcheck on every op,
 #                 racecheck, synccheck and initcheck on the selects), after
 #                 the tests, the sanitizers side by side
-#   ddp      90   tests/test_ddp.py's NCCL case: SyncBatchNorm, DDP, GradScaler and
+#   ddp      90   tests/models/test_ddp.py's NCCL case: SyncBatchNorm, DDP, GradScaler and
 #                 autocast, one training step against upstream's (its CPU cases
 #                 run in CI)
 #   bench   160   benchmarks/run_device.sh (refiner, ops, peak memory), then
@@ -315,7 +316,7 @@ xdist() {
 }
 
 phase_fused() {
-    pytest_phase fused test_fused.py
+    pytest_phase fused refiner/test_fused.py
 }
 
 phase_warmup() {
@@ -340,13 +341,12 @@ EOF
 }
 
 phase_tests() {
-    # The GPU cases: everything in test_gpu.py and test_cuda.py, and every
-    # case of the other files whose name says cuda (their device parameter);
-    # not the fused file (run first, alone), the DDP file (its own phase), the
-    # host harness and this script's own test (CPU only) or the heavy cases
-    # (part3).
-    pytest_phase tests $(xdist) -k "cuda or test_gpu" -m "not gpu_extra and not cuda_host" \
-        --ignore=test_fused.py --ignore=test_ddp.py --ignore=test_gpu_check.py .
+    # The GPU cases: every case whose name says cuda (its (device, backend)
+    # parameter, its class TestCUDAKernels, or its own name); not the fused
+    # file (run first, alone), the DDP file (its own phase), the host harness
+    # and this script's own test (CPU only) or the heavy cases (part3).
+    pytest_phase tests $(xdist) -k "cuda" -m "not gpu_extra and not cuda_host" \
+        --ignore=refiner/test_fused.py --ignore=models/test_ddp.py --ignore=build_checks/test_gpu_check.py .
 }
 
 phase_sanitize() {
@@ -387,7 +387,7 @@ phase_sanitize() {
 }
 
 phase_ddp() {
-    pytest_phase ddp test_ddp.py -k nccl
+    pytest_phase ddp models/test_ddp.py -k nccl
 }
 
 phase_bench() {

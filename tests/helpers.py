@@ -5,6 +5,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
+#: The tests folder (tests/), where cpp/ and the shared scripts are, from any
+#: of its subfolders.
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
 
 def subprocess_env(**extra):
     """This process's environment for a Python subprocess that imports what
@@ -92,6 +96,12 @@ def check_tie_tolerant(up, ours, err, k, atol, mean_atol=None):
         if mean_atol is not None:
             assert float(diff.mean()) <= mean_atol * scale, f"{name}: mean |diff| {float(diff.mean()):.3g}"
     return int(differ.sum())
+
+
+#: Tolerance of the compiled bilinear (crop's and compose's resampling)
+#: against F.interpolate's: the same formula, but PyTorch's own kernel may
+#: contract to FMA.
+BILINEAR_ATOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 def assert_close(actual, expected, atol, rtol=0.0, msg=""):
@@ -184,3 +194,302 @@ def op_calls(backend, device="cpu", seed=0):
         "compose": lambda: (ops.run_compose(backend, coarse, patches, idx, valid, (120, 160), src),),
         "compose_into": compose_into,
     }
+
+
+# -- the CUDA kernels' cases and tolerances -----------------------------------
+# (The classes TestCUDAKernels of tests/ops, and the host execution harness,
+# tests/cuda_host, which runs the same cases on the CPU.)
+
+# The compiled bilinear against F.interpolate (the reference): the same
+# formula, rounded differently in the last bit (FMA contraction).
+CUDA_ATOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# The CUDA kernels against the CPU kernel. The CUDA kernels keep the bilinear
+# weights in float, as PyTorch's CUDA upsample does; the CPU kernel rounds
+# them to float16/bfloat16, as PyTorch's CPU upsample does: up to four
+# weights off by half an ulp each (of values up to ~1.2 here), plus one
+# rounding of the result. In float32, nvcc fuses scale * (x + 0.5) - 0.5
+# into one FMA where the host compiler rounds twice: a source coordinate
+# (below 64 here) one ulp apart moves a weight by up to 4e-6, per axis.
+CROSS_ATOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 2.5e-3, torch.bfloat16: 2e-2}
+
+
+def assert_equal(got, want, name=""):
+    assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape, got.dtype, want.dtype)
+    assert torch.equal(got.cpu(), want.cpu()), name
+
+
+def assert_matches_cuda_reference(got, want, msg="", cancellation=False):
+    """got against the reference run on CUDA tensors, whose F.interpolate
+    computes the kernels' arithmetic (weights in float for 16-bit types): in
+    16-bit types the two differ by at most one rounding of the result, an
+    eps relative to it (also absolute where sums can cancel: compose's
+    signed values and its + src)."""
+    dtype = got.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        eps = torch.finfo(dtype).eps
+        assert_close(got.cpu(), want.cpu(), eps if cancellation else 1e-6, rtol=eps, msg=msg)
+    else:
+        assert_close(got.cpu(), want.cpu(), CUDA_ATOL[dtype], msg=msg)
+
+
+def assert_matches_cpu_kernel(got, want, msg=""):
+    dtype = got.dtype
+    assert_close(got.cpu(), want.cpu(), CROSS_ATOL[dtype], rtol=CROSS_ATOL[dtype], msg=msg)
+
+
+def sampling_err(shape, dtype, kind):
+    B, _, H, W = shape
+    if kind == "random":
+        err = torch.rand(shape) - 0.2
+    elif kind == "ties":
+        # Few distinct values: the k-th largest is shared by many cells,
+        # spread over every block of the selection.
+        err = torch.randint(-1, 3, shape).float() / 4
+    else:  # "special": NaN, signed zeros, infinities, negative values
+        err = torch.rand(shape) - 0.5
+        flat = err.view(B, -1)
+        n = flat.shape[1]
+        flat[:, torch.randperm(n)[: max(1, n // 50)]] = float("nan")
+        flat[:, torch.randperm(n)[: max(1, n // 10)]] = 0.0
+        flat[:, torch.randperm(n)[: max(1, n // 10)]] = -0.0
+        flat[:, torch.randperm(n)[: max(1, n // 100)]] = float("inf")
+        flat[:, torch.randperm(n)[: max(1, n // 100)]] = float("-inf")
+    return err.to(dtype)
+
+
+def cuda_crop_case(B, dtype, layout, stride=2):
+    """(inputs, idx, image size) of a crop on CUDA tensors: inputs resampled
+    x4, by an odd ratio and /2, and read directly; idx with the corners and a
+    repeated row."""
+    from pymatting_ext import reference
+
+    H, W = 44, 60
+    hid = torch.rand(B, 5, 11, 15)          # resampled x4
+    pha = torch.rand(B, 1, 11, 15)
+    half = torch.rand(B, 2, 23, 29)         # resampled by an odd ratio
+    src = torch.rand(B, 3, 88, 120)         # resampled /2
+    same = torch.rand(B, 2, H, W)           # read directly
+    inputs = [layouts(t.to(dtype).cuda(), layout) for t in (hid, pha, half, src, same)]
+    hc, wc = -(-H // stride), -(-W // stride)
+    _, idx, _ = reference.select_sampling(torch.rand(B, 1, hc, wc), 37, False)
+    idx = torch.cat([idx, torch.tensor([[0, 0, 0], [B - 1, hc - 1, wc - 1], [0, 3, wc - 1], [0, 3, wc - 1]])])
+    return inputs, idx.cuda(), (H, W)
+
+
+def crop_into_case(case, src, bgr, coarse):
+    """(inputs, channels of out, channel offset, storage offset of out) of a
+    crop_into case (also run on the host execution harness)."""
+    return {
+        # conv3's input: conv2's 16 channels, then [src, bgr] at [16, 22).
+        "refiner": ([src, bgr], 22, 16, 0),
+        "sixteen-byte runs": ([coarse, bgr[:, :2], src[:, 1:3]], 16, 8, 0),
+        "odd runs": ([src, coarse], 12, 1, 0),
+        "whole, aligned": ([coarse, src], 7, 0, 0),
+        "whole, unaligned": ([coarse, src], 7, 0, 1),
+        "refiner, unaligned": ([src, bgr], 22, 16, 1),
+    }[case]
+
+
+CROP_INTO_CASES = ["refiner", "sixteen-byte runs", "odd runs", "whole, aligned", "whole, unaligned",
+                   "refiner, unaligned"]
+
+
+def cuda_replace_case(B, C, H, W, P, s, dtype):
+    """(x, patches, idx, valid) of a replace or compose on CUDA tensors, with
+    duplicate cells."""
+    x = torch.rand(B, C, H, W).to(dtype).cuda()
+    patches = torch.rand(P, C, s, s).to(dtype).cuda()
+    idx = torch.stack([torch.randint(0, B, (P,)), torch.randint(0, H // s, (P,)),
+                       torch.randint(0, W // s, (P,))], 1)
+    if P >= 3:
+        idx[1] = idx[0]  # duplicate cells: the last valid patch wins
+        idx[P - 1] = idx[0]
+    valid = torch.rand(P) > 0.3
+    if P >= 3:
+        valid[P - 1] = False  # ... so here patch 1, unless it is invalid too
+    return x, patches, idx.cuda(), valid.cuda()
+
+
+# -- the CPU kernels' AVX2 paths (TestCPUVector in ops/test_crop.py and
+# ops/test_compose_replace.py) ------------------------------------------------
+
+def vector_crop_cases():
+    """(name, inputs, idx, stride, padding, image_size, patch_size, channel_offset, out_channels):
+    the refiner's crops at HD's and 4K's scales (x2 and x4 up, /2 down, the
+    image's own size), odd sizes and patch shapes, patches across every edge,
+    batch 2, channels-last and sliced inputs, and outputs large enough to
+    be streamed (>= 4 MiB)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.rand(*s, generator=g)
+
+    def idx_for(B, hc, wc, n):
+        cells = torch.stack([torch.randint(0, B, (n,), generator=g), torch.randint(0, hc, (n,), generator=g),
+                             torch.randint(0, wc, (n,), generator=g)], 1)
+        corners = torch.tensor([[0, 0, 0], [B - 1, hc - 1, wc - 1], [0, 0, wc - 1], [B - 1, hc - 1, 0]])
+        return torch.cat([cells, corners])
+
+    out = []
+    # The refiner at HD's scale: coarse at 1/4 (x2 up to 1/2), src at 1/1 (/2).
+    B, H, W = 2, 68, 124
+    hid, pha, src = r(B, 32, H // 4, W // 4), r(B, 1, H // 4, W // 4), r(B, 3, H, W)
+    idx = idx_for(B, H // 4, W // 4, 60)
+    out.append(("hd half", [hid, pha, src], idx, 2, 3, (H // 2, W // 2), None, 0, 36))
+    out.append(("hd full into", [src], idx, 4, 2, (H, W), None, 5, 11))
+    # 4K's scale: coarse at 1/8 (x4 up to 1/2).
+    hid8 = r(B, 7, H // 8 + 1, W // 8 + 1)
+    out.append(("x4 up", [hid8, src], idx, 2, 3, (H // 2, W // 2), None, 0, 10))
+    # Odd sizes (not exact scales), wide patches with a remainder of columns,
+    # channels-last and sliced inputs.
+    a = r(B, 5, 13, 21).contiguous(memory_format=torch.channels_last)
+    c = r(B, 9, 50, 70)[:, 1:8, 3:47, 5:66]
+    d = r(B, 3, 44, 61)
+    idx2 = idx_for(B, 11, 16, 40)
+    out.append(("odd", [a, c, d], idx2, 4, 3, (44, 61), (11, 21), 0, 15))
+    out.append(("odd into", [c, d], idx2, 4, 1, (44, 61), (6, 17), 2, 13))
+    # A whole-image patch (full mode): tiles of 16 x 64 over it.
+    out.append(("whole", [r(1, 4, 30, 40), r(1, 2, 120, 160)], torch.tensor([[0, 0, 0]]), 1, 3, (60, 80),
+                (66, 86), 0, 6))
+    # Many patches: 500 x 42 x 8 x 8 floats is over 4 MiB (streamed out); the
+    # cases above are under it.
+    H, W = 120, 200
+    big = [r(1, 32, H // 4, W // 4), r(1, 1, H // 4, W // 4), r(1, 3, H // 4, W // 4), r(1, 3, H, W),
+           r(1, 3, H, W)]
+    out.append(("streamed", big, idx_for(1, H // 4, W // 4, 500), 2, 3, (H // 2, W // 2), None, 0, 42))
+    # Channels-last inputs (read a pixel's channels at a time): the coarse
+    # inputs as a channels-last base network gives them (views of one
+    # 37-channel output: hid's runs of 8 channels, pha and fgr one run of 4),
+    # src and bgr planar or channels-last (a run of 3 channels each), the
+    # full-resolution crop (no resampling), x4 up, and a source mixing
+    # planar and channels-last planes.
+    B, H, W = 2, 68, 124
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)
+    x37 = cl(r(B, 37, H // 4, W // 4))
+    coarse = [x37[:, 5:], x37[:, 0:1], x37[:, 1:4]]
+    src, bgr = r(B, 3, H, W), r(B, 3, H, W)
+    idx = idx_for(B, H // 4, W // 4, 60)
+    out.append(("cl coarse", coarse + [src, bgr], idx, 2, 3, (H // 2, W // 2), None, 0, 42))
+    out.append(("cl all", coarse + [cl(src), cl(bgr)], idx, 2, 3, (H // 2, W // 2), None, 0, 42))
+    out.append(("cl full into", [cl(src), cl(bgr)], idx, 4, 2, (H, W), None, 3, 11))
+    out.append(("cl x4 up", [cl(r(B, 11, H // 8 + 1, W // 8 + 1)), cl(src)], idx, 2, 3, (H // 2, W // 2), None,
+                0, 14))
+    # merge_cells' tiles of 4 x 4 cells: 14 x 14 patches (a block of 8 and
+    # the portable loops' 6 columns), stride 8.
+    out.append(("cl tiles", coarse + [src, bgr], idx_for(B, H // 16, W // 16, 20), 8, 3, (H // 2, W // 2), None, 0,
+                42))
+    out.append(("cl mixed", [cl(r(B, 5, H // 4, W // 4)), r(B, 2, H // 4, W // 4), x37[:, 30:], src], idx, 2, 3,
+                (H // 2, W // 2), None, 0, 17))
+    # Many patches with channels-last coarse inputs: streamed out.
+    H, W = 120, 200
+    x37 = cl(r(1, 37, H // 4, W // 4))
+    big = [x37[:, 5:], x37[:, 0:1], x37[:, 1:4], r(1, 3, H, W), r(1, 3, H, W)]
+    out.append(("cl streamed", big, idx_for(1, H // 4, W // 4, 500), 2, 3, (H // 2, W // 2), None, 0, 42))
+    return out
+
+
+def vector_compose_cases():
+    """(name, coarse, patches, idx, valid, size, src, out_offset): compose's
+    upsample at HD's and 4K's scales (x4, x8), odd sizes and scales (blocks
+    of 8 columns reading more than 8 coarse columns, remainder columns), a
+    strided coarse map and src, the epilogue with values outside [0, 1] and
+    NaN, invalid patches, batch 2, and outputs large enough to be streamed
+    (>= 4 MiB), one of them at an unaligned address (out_offset elements
+    into its storage)."""
+    g = torch.Generator().manual_seed(1)
+
+    def case(name, B, C, hc, wc, H, W, s, n, *, src=False, strided=False, offset=0):
+        coarse = torch.randn(B, C, hc, wc, generator=g)
+        if strided:
+            coarse = torch.randn(B, C, hc, 2 * wc, generator=g)[..., ::2]
+        cells = torch.stack([torch.randint(0, B, (n,), generator=g), torch.randint(0, H // s, (n,), generator=g),
+                             torch.randint(0, W // s, (n,), generator=g)], 1)
+        patches = torch.randn(n, C, s, s, generator=g) * 2
+        patches[0, 0, 0, 0] = float("nan")
+        valid = torch.rand(n, generator=g) > 0.2
+        image = None
+        if src:
+            image = torch.rand(B, C - 1, H, 2 * W if strided else W, generator=g)
+            image = image[..., ::2] if strided else image
+        return (name, coarse, patches, cells, valid, (H, W), image, offset)
+
+    return [
+        case("x4", 2, 4, 17, 30, 68, 120, 4, 50),
+        case("x4 matting", 2, 4, 17, 30, 68, 120, 4, 50, src=True),
+        case("x8 odd", 1, 3, 9, 14, 72, 108, 4, 30, src=True),
+        case("odd scale", 1, 2, 23, 41, 30, 52, 2, 40),
+        case("near 1:1", 1, 2, 23, 56, 30, 52, 2, 40),
+        case("down", 2, 3, 40, 90, 30, 52, 2, 40, src=True),
+        case("strided", 2, 4, 17, 30, 68, 120, 4, 50, src=True, strided=True),
+        case("streamed", 1, 4, 136, 121, 544, 484, 4, 900, src=True),
+        case("streamed unaligned", 2, 4, 68, 123, 272, 492, 4, 400, offset=3),
+    ]
+
+
+def vector_crop_results():
+    """{name: output} of crop and crop_into on the CPU backend, for every
+    vector_crop_cases() case."""
+    import pymatting_ext as pm
+
+    results = {}
+    for name, inputs, idx, stride, padding, size, patch, offset, channels in vector_crop_cases():
+        ph, pw = patch or (stride + 2 * padding,) * 2
+        results[name + " crop"] = pm.crop(inputs, idx, stride, padding, size, patch, backend="cpu")
+        into = torch.full((idx.shape[0], channels, ph, pw), float("nan"))
+        into = into.contiguous(memory_format=torch.channels_last)
+        pm.crop_into(inputs, idx, stride, padding, size, offset, into, backend="cpu")
+        results[name + " crop_into"] = into
+    return results
+
+
+def vector_compose_results():
+    """{name: output} of compose and compose_into on the CPU backend, for
+    every vector_compose_cases() case."""
+    import pymatting_ext as pm
+
+    results = {}
+    for name, coarse, patches, idx, valid, size, src, offset in vector_compose_cases():
+        results[name + " compose"] = pm.compose(coarse, patches, idx, valid, size, src, backend="cpu")
+        shape = (coarse.shape[0], coarse.shape[1]) + tuple(size)
+        storage = torch.full((offset + torch.Size(shape).numel(),), float("nan"))
+        into = storage[offset:].view(shape)
+        pm.compose_into(coarse, patches, idx, valid, src, into, backend="cpu")
+        results[name + " compose_into"] = into.clone()
+    return results
+
+
+def check_vector_paths_match_portable_loops(results):
+    """The function `results` (vector_crop_results or vector_compose_results)
+    gives the same bits here (the vector paths wherever the CPU has AVX2) as
+    in a subprocess with PYMATTING_EXT_CPU_CAPABILITY=default (the portable
+    loops only, read once per process like ATen's ATEN_CPU_CAPABILITY): both
+    paths do the same operations in the same order."""
+    import pickle
+    import subprocess
+
+    here = results()
+    env = subprocess_env(PYMATTING_EXT_CPU_CAPABILITY="default")
+    code = ("import pickle, sys, helpers; "
+            f"sys.stdout.buffer.write(pickle.dumps({{k: v.numpy() for k, v in helpers.{results.__name__}().items()}}))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, cwd=TESTS_DIR, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    there = pickle.loads(done.stdout)
+    assert set(here) == set(there)
+    for name, got in here.items():
+        want = torch.from_numpy(there[name])
+        assert torch.equal(got.isnan(), want.isnan()), name
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()), name
+
+
+# -- hypothesis ------------------------------------------------------------------
+
+def load_hypothesis_profile():
+    """The property tests' budget (HYPOTHESIS_PROFILE: 'ci' by default,
+    derandomized so that CI is repeatable; 'dev' explores more, with fresh
+    randomness). A failure prints the falsifying example and the blob to
+    reproduce it."""
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("dev", max_examples=400, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

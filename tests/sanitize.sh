@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs the CUDA op tests under compute-sanitizer's memcheck (GPU machines
-# only; the package must be installed, e.g. by tests/run.sh):
+# Runs the CUDA kernels' op tests (the classes TestCUDAKernels in tests/ops)
+# under compute-sanitizer's memcheck (GPU machines only; the package must be
+# installed, e.g. by tests/run.sh):
 #   bash tests/sanitize.sh [extra pytest arguments]
 # Out-of-bounds or misaligned accesses, and CUDA API errors, fail the run.
-# The CUDA-graph test is left out (memcheck does not support graph capture
+# CUDA-graph tests are left out (memcheck does not support graph capture
 # everywhere) and so is the device-assertion test (it aborts its child
 # process on purpose).
 set -euo pipefail
@@ -16,4 +17,4 @@ if ! command -v "$SANITIZER" >/dev/null; then
     done
 fi
 exec "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes all \
-    "$PY" -m pytest -q -p no:cacheprovider test_cuda.py -k "not graph and not assert" "$@"
+    "$PY" -m pytest -q -p no:cacheprovider ops -k "TestCUDAKernels and not graph and not assert" "$@"

@@ -37,7 +37,7 @@ with one patch (64 rows) a program, Triton gives the gather a layout in
 which a warp holds all 64 rows of its columns and lowers it to warp
 shuffles (each tap's dot result goes to that layout through shared
 memory: the one layout conversion a tap, as the sm_90 TTGIR shows;
-tests/test_triton_compile.py checks it). A global scratch buffer would be written and re-read through
+tests/build_checks/test_triton_compile.py checks it). A global scratch buffer would be written and re-read through
 L2 nine times per layer, with a __syncthreads between, and could race if
 a barrier were misplaced (which the interpreter cannot show).
 
@@ -118,7 +118,7 @@ def _operand(a, b, BY_COLUMNS: tl.constexpr):
     another warp layout than the second (all 8 warps along the rows, which
     with 64 rows makes the second warpgroup repeat the first), so every tap
     converted between the two (seen in the sm_90 TTGIR;
-    tests/test_triton_compile.py checks that no such conversion is left).
+    tests/build_checks/test_triton_compile.py checks that no such conversion is left).
     Adding the two dots' results instead changes nothing: Triton folds
     dot(a, b) + c into dot(a, b, c). For conv1 it costs 16 columns of
     zeros (64 instead of 48), for conv3 none; on the GPU the zeros add
@@ -437,7 +437,7 @@ def launch_config(kernel_size: int, block_p: Optional[int] = None, num_warps: Op
     "ieee": 64 registers, where 64 rows take 150 with Triton 3.8 and 127
     with 3.6), on 8 warps: no spills and the fewest registers per thread
     among the tilings compiled for sm_90 with Triton 3.6 and 3.8 (python
-    tests/test_triton_compile.py --fused prints them; not timed on a GPU
+    tests/build_checks/test_triton_compile.py --fused prints them; not timed on a GPU
     yet: benchmarks/bench_fused_tiling.py times every tiling). Under the
     interpreter, whose cost is per program, 32 patches.
 

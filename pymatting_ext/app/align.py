@@ -7,7 +7,7 @@ the pixels the warped background does not cover taken from the frame.
 Differences from upstream's HomographicAlignment: binary descriptors are
 matched by Hamming distance with a cross-check (upstream used the L2 brute
 force matcher and kept the best 15% of the matches); MAGSAC++ rather than
-RANSAC (on tests/test_align.py's hand-held clip RANSAC's warps were off by
+RANSAC (on tests/app/test_align.py's hand-held clip RANSAC's warps were off by
 up to 1.25 pixels, MAGSAC++'s by 0.35 at most); a still background's
 features are computed once, not for every frame; and a frame that cannot be
 aligned (too few matches, or no homography) is a clear error instead of a

@@ -1,9 +1,10 @@
 """The CUDA kernels (kernels/cuda) run on the CPU by the host execution
 harness (tests/cuda_host: build.py, runtime.cpp), against the CPU kernels
 (bit for bit: the harness is built with -ffp-contract=off, so it rounds as
-the CPU kernels do; on a GPU nvcc's FMAs move the last bit, see test_cuda's
-CROSS_ATOL) and the reference: the cases of tests/test_cuda.py at sizes the
-harness runs quickly, the whole eval Refiner against upstream, the kernel
+the CPU kernels do; on a GPU nvcc's FMAs move the last bit, see helpers'
+CROSS_ATOL) and the reference: the cases of the CUDA kernels' tests
+(TestCUDAKernels in tests/ops; their case builders are in tests/helpers.py)
+at sizes the harness runs quickly, the whole eval Refiner against upstream, the kernel
 report, and the harness's own checks on planted defects (mutations.py runs
 the same defects planted in the real kernels).
 
@@ -16,13 +17,18 @@ import pytest
 import torch
 from conftest import DTYPES
 from helpers import (
+    CROP_INTO_CASES,
+    CUDA_ATOL,
     check_outputs,
     check_tie_tolerant,
+    crop_into_case,
+    cuda_crop_case,
+    cuda_replace_case,
     layouts,
     random_bn_,
     refiner_inputs,
+    sampling_err,
 )
-from test_cuda import ATOL, CROP_INTO_CASES, crop_case, crop_into_case, replace_case, sampling_err
 
 import pymatting_ext as pm
 from pymatting_ext import reference
@@ -65,7 +71,7 @@ def assert_near_reference(got, want, name, cancellation=False):
         eps = float(torch.finfo(dtype).eps)
         bound = (2 * eps if cancellation else 0) + 2 * eps * want.double().abs()
     else:
-        bound = ATOL[dtype] * 4 + ATOL[dtype] * want.double().abs()
+        bound = CUDA_ATOL[dtype] * 4 + CUDA_ATOL[dtype] * want.double().abs()
     diff = (got.double() - want.double()).abs()
     assert torch.equal(torch.isnan(got), torch.isnan(want)), name
     assert bool((diff <= bound)[~torch.isnan(diff)].all()), f"{name}: max diff {float(diff.nan_to_num().max()):.3g}"
@@ -169,7 +175,7 @@ def cpu_crop(inputs, *args):
 
 @pytest.fixture(autouse=True)
 def _cpu_cuda(monkeypatch):
-    # test_cuda's case builders call .cuda(): the harness takes CPU tensors.
+    # helpers' CUDA case builders call .cuda(): the harness takes CPU tensors.
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
 
 
@@ -178,7 +184,7 @@ def _cpu_cuda(monkeypatch):
 @pytest.mark.parametrize("B,stride,padding,patch", [(1, 2, 3, None), (3, 2, 0, None), (1, 4, 2, None),
                                                     (3, 2, 1, (5, 9)), (1, 3, 4, (7, 2))])
 def test_crop(host, dtype, layout, B, stride, padding, patch):
-    inputs, idx, size = crop_case(B, dtype, layout, stride)
+    inputs, idx, size = cuda_crop_case(B, dtype, layout, stride)
     ph, pw = patch or (stride + 2 * padding,) * 2
     got = host.crop(inputs, idx, stride, padding, list(size), [ph, pw])
     assert got.is_contiguous(memory_format=torch.channels_last)
@@ -244,7 +250,7 @@ def test_crop_into(host, dtype, case):
                                          (0, 2, 8, 8, 0, 4)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 def test_replace(host, dtype, B, C, H, W, P, s, layout):
-    x, patches, idx, valid = replace_case(max(B, 1), C, H, W, P, s, dtype)
+    x, patches, idx, valid = cuda_replace_case(max(B, 1), C, H, W, P, s, dtype)
     x = layouts(x[:B], layout)
     patches = layouts(patches, layout)
     for v in (valid, None):
@@ -278,7 +284,7 @@ def cpu_compose(coarse, patches, idx, valid, size, src):
 @pytest.mark.parametrize("epilogue", [False, True])
 def test_compose(host, dtype, B, Hc, Wc, H, W, s, P, epilogue):
     coarse = (torch.rand(B, 4, Hc, Wc) * 1.4 - 0.2).to(dtype)
-    _, patches, idx, valid = replace_case(max(B, 1), 4, H, W, P, s, dtype)
+    _, patches, idx, valid = cuda_replace_case(max(B, 1), 4, H, W, P, s, dtype)
     patches = patches * 1.4 - 0.2
     src = torch.rand(B, 3, H, W).to(dtype) if epilogue else None
     for v in (valid, None):
@@ -292,7 +298,7 @@ def test_compose(host, dtype, B, Hc, Wc, H, W, s, P, epilogue):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compose_strided_inputs(host, layout, dtype):
     coarse = layouts(torch.rand(2, 4, 10, 11).to(dtype), layout)
-    _, patches, idx, valid = replace_case(2, 4, 40, 44, 20, 4, dtype)
+    _, patches, idx, valid = cuda_replace_case(2, 4, 40, 44, 20, 4, dtype)
     patches = layouts(patches, layout)
     src = layouts(torch.rand(2, 3, 40, 44).to(dtype), layout)
     assert_same(host.compose(coarse, patches, idx, valid, [40, 44], src),
@@ -306,7 +312,7 @@ def test_compose_into(host, dtype, storage_offset, s):
     # out starting 1 or 2 elements into its storage: no vector stores then.
     B, H, W = 2, 6 * s, 5 * s
     coarse = torch.rand(B, 4, 7, 9).to(dtype)
-    _, patches, idx, valid = replace_case(B, 4, H, W, 12, s, dtype)
+    _, patches, idx, valid = cuda_replace_case(B, 4, H, W, 12, s, dtype)
     src = torch.rand(B, 3, H, W).to(dtype)
     flat = torch.full((storage_offset + B * 4 * H * W,), float("nan"), dtype=dtype)
     out = flat[storage_offset:].view(B, 4, H, W)

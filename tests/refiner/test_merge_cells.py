@@ -17,12 +17,12 @@ import pymatting_ext as pm
 from pymatting_ext import _tiles
 
 from conftest import needs_cuda
-from helpers import check_outputs, check_tie_tolerant, random_bn_, refiner_inputs
+from helpers import TESTS_DIR, check_outputs, check_tie_tolerant, random_bn_, refiner_inputs
 
 Upstream = pytest.importorskip("BackgroundMattingV2.model.refiner").Refiner
 
 _spec = importlib.util.spec_from_file_location(
-    "bench_common", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "common.py"))
+    "bench_common", os.path.join(TESTS_DIR, "..", "benchmarks", "common.py"))
 bench_common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_common)
 

@@ -354,7 +354,7 @@ def test_fused_kernels_compile_without_spills_or_per_tap_conversions():
 
 
 if __name__ == "__main__":
-    # python tests/test_triton_compile.py [--fused | --fused-all]: the fused
+    # python tests/build_checks/test_triton_compile.py [--fused | --fused-all]: the fused
     # kernels only (--fused-all: every flag combination), with their table.
     if "--fused" in sys.argv or "--fused-all" in sys.argv:
         fused_main(everything="--fused-all" in sys.argv)

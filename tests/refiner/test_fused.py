@@ -8,7 +8,7 @@ runs through Triton's interpreter on CPU tensors (small sizes: the
 interpreter is slow); with one, on the GPU, where the GPU-only tests below
 also run (no synchronisation, CUDA graphs, TF32, 2^31 elements).
 
-tests/test_triton_compile.py compiles the kernels ahead of time for sm_90
+tests/build_checks/test_triton_compile.py compiles the kernels ahead of time for sm_90
 (no GPU needed): every variant these tests launch on a GPU, with their
 registers, spills, shared memory and per-tap layout conversions."""
 
@@ -413,7 +413,7 @@ def test_launches_pin_enable_fp_fusion_off(monkeypatch):
     # and the epilogue as Triton's interpreter, which runs these tests
     # without a GPU, does: contracted into FMAs they would differ by an ulp
     # here and there, as the Triton version's LLVM chose.
-    # tests/test_triton_compile.py checks that the compiled PTX then holds
+    # tests/build_checks/test_triton_compile.py checks that the compiled PTX then holds
     # no contracted FMA.
     from pymatting_ext.triton_kernels import fused as k
     assert k.FP_FUSION is False

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent / "gpu_check.sh"
+SCRIPT = Path(__file__).resolve().parents[1] / "gpu_check.sh"
 #: One command's limit on the GPU machine is 600 s; the script's deadline
 #: leaves room for the start and the transfers.
 DEADLINE = 540

@@ -12,7 +12,7 @@ import torch
 import pymatting_ext as pm
 
 from conftest import DEVICES, heavy_on_gpu, needs_cuda
-from helpers import random_bn_, refiner_inputs
+from helpers import TESTS_DIR, random_bn_, refiner_inputs
 
 upstream_model = pytest.importorskip("BackgroundMattingV2.model")
 
@@ -60,7 +60,10 @@ def test_scripted_refiner_matches_eager(device, mode):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
-def test_scripted_matting_refine_matches_eager_and_upstream(device, mode, tmp_path):
+def test_scripted_matting_refine_matches_eager_and_upstream(device, mode, tmp_path, monkeypatch):
+    # TorchScript runs the coarse network's modules: so does eager Python
+    # here (bit for bit), instead of its CPU plan (test_coarse_plan.py).
+    monkeypatch.setenv("PYMATTING_EXT_COARSE_PLAN", "0")
     up, ours = matting_pair(mode, device)
     scripted = script(ours)
     # Saved and loaded, as C++ users do.
@@ -83,7 +86,7 @@ def test_matting_refine_compiles_fullgraph(device, mode):
     torch._dynamo.reset()
     up, ours = matting_pair(mode, device)
     src, bgr = images(device)
-    # Thresholding: see test_opcheck.py's note on inductor's layout optimisation.
+    # Thresholding: see refiner/test_refiner_capture.py's note on inductor's layout optimisation.
     with torch.no_grad(), torch._inductor.config.patch(layout_optimization=mode != "thresholding"):
         compiled = torch.compile(ours, fullgraph=True)(src, bgr)
         want = up(src, bgr)
@@ -156,11 +159,14 @@ def _compiler():
 
 
 @pytest.mark.skipif(_compiler() is None, reason="needs a C++ compiler")
-def test_scripted_matting_refine_runs_in_cpp_without_python(tmp_path):
+def test_scripted_matting_refine_runs_in_cpp_without_python(tmp_path, monkeypatch):
     """As upstream's C++ users do: torch::jit::load of the saved model in a
     C++ program (libtorch only, no Python), with pymatting_ext's op library
-    loaded; the outputs equal Python's bit for bit."""
+    loaded; the outputs equal Python's bit for bit (Python running the
+    coarse network's modules too, as TorchScript does)."""
     import torch.utils.cpp_extension as ext
+
+    monkeypatch.setenv("PYMATTING_EXT_COARSE_PLAN", "0")
 
     _, ours = matting_pair("sampling")
     src, bgr = images()
@@ -178,10 +184,9 @@ def test_scripted_matting_refine_runs_in_cpp_without_python(tmp_path):
 
     script(Case()).save(str(tmp_path / "case.pt"))
 
-    here = os.path.dirname(os.path.abspath(__file__))
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     exe = str(tmp_path / "run_scripted")
-    cmd = [_compiler(), "-std=c++20", "-O0", os.path.join(here, "cpp", "run_scripted.cpp"), "-o", exe,
+    cmd = [_compiler(), "-std=c++20", "-O0", os.path.join(TESTS_DIR, "cpp", "run_scripted.cpp"), "-o", exe,
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     cmd += [f"-I{d}" for d in ext.include_paths()]
     cmd += [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-ltorch", "-ltorch_cpu", "-lc10", "-ldl"]

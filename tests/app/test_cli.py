@@ -7,6 +7,7 @@ randomly initialised models saved with torch.save: no official weights are
 needed."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -416,17 +417,21 @@ def test_speed_table_json_and_plot(data, tmp_path, capsys):
 
 # -- export (TorchScript here; ONNX and AOTInductor in test_export.py) -----------------------
 
-def test_export_torchscript(data, tmp_path, capsys):
+def test_export_torchscript(data, tmp_path, capsys, monkeypatch):
     path = tmp_path / "model.pt"
     code, stdout, stderr = run(["export", "--format", "torchscript", "-o", str(path), "--checkpoint", data["ckpt"],
                                 "--resolution", "96", "64", *MODEL_ARGS], capsys)
     assert code == 0, stderr
-    assert "max |difference| from the eager model 0" in stdout
+    # The scripted model runs the coarse network's modules, the eager one
+    # its CPU plan (pymatting_ext._coarse): float32 rounding apart.
+    diff = re.search(r"max \|difference\| from the eager model ([0-9.e+-]+)", stdout)
+    assert diff and float(diff.group(1)) < 1e-5, stdout
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = torch.jit.load(str(path))
     src, bgr = torch.rand(1, 3, H, W), torch.rand(1, 3, H, W)
+    monkeypatch.setenv("PYMATTING_EXT_COARSE_PLAN", "0")  # the modules in both: bit for bit
     with torch.inference_mode():
         for a, b in zip(model_for(data, refine_threshold=0.1)(src, bgr), loaded(src, bgr)):
             assert torch.equal(a, b)

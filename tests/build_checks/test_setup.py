@@ -14,7 +14,7 @@ import pytest
 
 import pymatting_ext
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SETUP = os.path.join(ROOT, "setup.py")
 if not os.path.isfile(SETUP):
     pytest.skip("needs the checkout's setup.py", allow_module_level=True)

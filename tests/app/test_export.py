@@ -1,7 +1,7 @@
 """pymatting-ext export: ONNX (the refiner in standard operators, run in
 onnxruntime) and the torch.export/AOTInductor package with pymatting_ext's
 custom ops, run from a C++ program without Python. (TorchScript: test_cli.py
-and test_compile_script.py.)
+and models/test_compile_script.py.)
 
 Random weights (saved with torch.save), small inputs; each export is one
 compile, shared by the checks that follow it."""
@@ -17,7 +17,7 @@ pytest.importorskip("torchvision", reason="the models need torchvision")
 import pymatting_ext as pm  # noqa: E402
 from pymatting_ext.app import export  # noqa: E402
 
-from helpers import random_bn_  # noqa: E402
+from helpers import TESTS_DIR, random_bn_  # noqa: E402
 
 NAMES = ["pha", "fgr", "pha_sm", "fgr_sm", "err_sm", "ref_sm"]
 
@@ -126,9 +126,8 @@ def _start_cpp_build(exe):
     long as the AOTInductor compile it runs beside)."""
     import torch.utils.cpp_extension as ext
 
-    here = os.path.dirname(os.path.abspath(__file__))
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-    cmd = [_compiler(), "-std=c++20", "-O0", os.path.join(here, "cpp", "run_aoti.cpp"), "-o", exe,
+    cmd = [_compiler(), "-std=c++20", "-O0", os.path.join(TESTS_DIR, "cpp", "run_aoti.cpp"), "-o", exe,
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     cmd += [f"-I{d}" for d in ext.include_paths()]
     cmd += [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-ltorch", "-ltorch_cpu", "-lc10", "-ldl"]
