@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ._backend import BACKENDS
 from ._checks import check_images, check_refiner_settings
+from ._coarse import coarse_plan
 from .refiner import Refiner
 
 __all__ = ["Base", "MattingBase", "MattingRefine", "accelerate", "BACKBONES"]
@@ -210,11 +211,20 @@ class MattingBase(Base):
                              f"{param.dtype}; convert the images (src.to({param.dtype})) or the model "
                              f"(model.to({src.dtype})), or run under torch.autocast")
 
+    def _coarse_net(self, x: Tensor) -> Tensor:
+        """backbone -> ASPP -> decoder; in eval inference on the CPU as a plan
+        of fused oneDNN convolutions (pymatting_ext._coarse), else the modules."""
+        if not torch.jit.is_scripting():
+            plan = coarse_plan(self, x)
+            if plan is not None:
+                return plan(x)
+        s16, s8, s4, s2, s1 = self.backbone(x)
+        return self.decoder(self.aspp(s16), s8, s4, s2, s1)
+
     def _coarse(self, src: Tensor, bgr: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """pha, the foreground residual (not yet added to src), err and hid,
         as views of one decoder output, activated in place as upstream does."""
-        s16, s8, s4, s2, s1 = self.backbone(torch.cat([src, bgr], dim=1))
-        x = self.decoder(self.aspp(s16), s8, s4, s2, s1)
+        x = self._coarse_net(torch.cat([src, bgr], dim=1))
         pha = x[:, 0:1].clamp_(0.0, 1.0)
         err = x[:, 4:5].clamp_(0.0, 1.0)
         hid = x[:, 5:].relu_()

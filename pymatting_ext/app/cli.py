@@ -197,8 +197,10 @@ def _add_speed(sub) -> None:
                         "--resolution 1920 1080 --resolution 3840 2160 0.125 320000 (default 1920 1080)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--backends", nargs="+", default=None, metavar="NAME",
-                   help="any of upstream auto cpu cuda triton reference (default: upstream and every compiled "
-                        "backend that runs on the device)")
+                   help="any of upstream auto cpu cuda triton reference, and on the CPU onnxruntime-upstream "
+                        "(upstream's model exported as its export_onnx.py does, run by onnxruntime) and "
+                        "onnxruntime-ours (our ONNX export) (default: upstream and every compiled backend that "
+                        "runs on the device)")
     p.add_argument("--modes", nargs="+", choices=["eager", "cuda-graph"], default=None,
                    help="default: eager, and cuda-graph on a GPU")
     p.add_argument("--iterations", type=int, default=None, help="timed calls (default 10 on the CPU, 100 on a GPU)")

@@ -97,6 +97,19 @@ def _is_refine(model: torch.nn.Module) -> bool:
     return hasattr(model, "refiner")
 
 
+def _prepare(model: torch.nn.Module, size: Tuple[int, ...], dtype: torch.dtype, bar) -> None:
+    """The model's one-off set-up before the first frame (on the CPU, its
+    coarse network's oneDNN plan: BatchNorm folded, weights packed), shown
+    in the progress bar rather than hidden in the first frame's time."""
+    from .._coarse import prepare
+
+    if bar is not None:
+        bar.set_postfix_str("preparing the model", refresh=True)
+    prepare(model, size, dtype)
+    if bar is not None:
+        bar.set_postfix_str("", refresh=True)
+
+
 def convert_video(model: torch.nn.Module, source: str, background: str, output_dir: str, *,
                   outputs: Sequence[str] = ("com", "pha", "fgr"), output_format: Optional[str] = None,
                   target_background: Union[None, str, Tuple[int, int, int]] = None,
@@ -272,6 +285,7 @@ def _convert(model, src: Frames, background, output_dir, opened, *, outputs, out
     reader.start()
 
     pad_h, pad_w = (-H) % 4, (-W) % 4
+    _prepare(model, (batch_size, 3, H + pad_h, W + pad_w), dtype, bar)
     refine = _is_refine(model)
     copy_stream = torch.cuda.Stream(dev) if cuda else None
     model_events: List[Tuple] = []

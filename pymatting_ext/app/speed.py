@@ -9,6 +9,14 @@ As upstream's speed test: random inputs, and refine_prevent_oversampling
 off, so that sampling mode always refines sample_pixels pixels (the same work
 for every backend whatever the random weights predict).
 
+On the CPU, the backends 'onnxruntime-upstream' and 'onnxruntime-ours' add
+what a CPU user would otherwise pick: onnxruntime (CPU provider, torch's
+thread count) running upstream's model exported as upstream's
+export_onnx.py does (crop 'roi_align', replace 'scatter_element', opset 12),
+and our `export --format onnx` of ours; float32, the same weights and
+inputs. The export (per resolution: the backbone scale and sample pixels
+are fixed in the file) is not timed.
+
     from pymatting_ext.app.speed import run_speed, format_table
     report = run_speed(backbone="resnet50", resolutions=[(1920, 1080)])
     print(format_table(report))
@@ -27,6 +35,9 @@ from .common import UserError, build_model, dtype_of, pick_device, require
 __all__ = ["run_speed", "format_table", "save_json", "plot", "default_backends"]
 
 UPSTREAM = "upstream"
+ORT_UPSTREAM = "onnxruntime-upstream"
+ORT_OURS = "onnxruntime-ours"
+ONNXRUNTIME = (ORT_UPSTREAM, ORT_OURS)
 MODES = ("eager", "cuda-graph")
 
 
@@ -128,11 +139,17 @@ def run_speed(*, backbone: str = "resnet50", resolutions: Sequence[Tuple] = ((19
         raise UserError("mode 'cuda-graph' needs a CUDA device (--device cuda)")
     backends = list(backends) if backends else default_backends(dev, dtype)
     for name in backends:
-        if name != UPSTREAM and name not in BACKENDS:
-            raise UserError(f"unknown backend {name!r}; choose from {UPSTREAM}, {', '.join(BACKENDS)}")
-        if name == UPSTREAM and _upstream_class(model_type) is None:
-            raise UserError("backend 'upstream' needs BackgroundMattingV2 (`pip install backgroundmattingv2==1.0`)")
-        if name not in (UPSTREAM, "auto"):
+        if name not in (UPSTREAM,) + ONNXRUNTIME and name not in BACKENDS:
+            raise UserError(f"unknown backend {name!r}; choose from {UPSTREAM}, {', '.join(BACKENDS)}, "
+                            f"{', '.join(ONNXRUNTIME)}")
+        if name in (UPSTREAM, ORT_UPSTREAM) and _upstream_class(model_type) is None:
+            raise UserError(f"backend {name!r} needs BackgroundMattingV2 (`pip install backgroundmattingv2==1.0`)")
+        if name in ONNXRUNTIME:
+            if cuda:
+                raise UserError(f"backend {name!r} runs on the CPU (--device cpu)")
+            require("onnxruntime", f"backend {name!r}")
+            require("onnx", f"backend {name!r}")
+        if name not in (UPSTREAM, "auto") + ONNXRUNTIME:
             try:
                 resolve(name, dev, dtype)
             except (ValueError, RuntimeError) as exc:
@@ -159,7 +176,7 @@ def run_speed(*, backbone: str = "resnet50", resolutions: Sequence[Tuple] = ((19
     state = ours.state_dict()
 
     def make(name: str) -> torch.nn.Module:
-        if name == UPSTREAM:
+        if name in (UPSTREAM, ORT_UPSTREAM):
             cls = _upstream_class(model_type)
             if model_type == "mattingbase":
                 model = cls(info["backbone"])
@@ -168,7 +185,7 @@ def run_speed(*, backbone: str = "resnet50", resolutions: Sequence[Tuple] = ((19
                             refine_kernel_size, refine_prevent_oversampling)
             model.load_state_dict(state)
             return model.to(device=dev, dtype=dtype).eval()
-        if model_type == "mattingrefine":
+        if model_type == "mattingrefine" and name != ORT_OURS:
             ours.refiner.backend = name
         return ours
 
@@ -180,7 +197,7 @@ def run_speed(*, backbone: str = "resnet50", resolutions: Sequence[Tuple] = ((19
         bgr = torch.rand(batch_size, 3, H, W, generator=g).to(dev, dtype)
         # Graph capture of upstream's model fails (it synchronises): try it
         # last, after ours.
-        order = [(name, mode) for mode in modes for name in backends]
+        order = [(name, mode) for mode in modes for name in backends if mode == "eager" or name not in ONNXRUNTIME]
         order.sort(key=lambda nm: (nm[1] == "cuda-graph" and nm[0] == UPSTREAM))
         for name, mode in order:
             row = {"resolution": f"{W}x{H}", "width": W, "height": H, "backend": name, "mode": mode,
@@ -194,6 +211,10 @@ def run_speed(*, backbone: str = "resnet50", resolutions: Sequence[Tuple] = ((19
 
                 def call(model=model):
                     return model(src, bgr)
+
+                if name in ONNXRUNTIME:
+                    say(f"{W}x{H} {name}: exporting ...")
+                    call = _onnxruntime_call(name, model, src, bgr)
 
                 with torch.inference_mode():
                     if mode == "eager":
@@ -238,6 +259,46 @@ def run_speed(*, backbone: str = "resnet50", resolutions: Sequence[Tuple] = ((19
 
 class _NotCapturable(Exception):
     pass
+
+
+def _onnxruntime_call(name: str, model: torch.nn.Module, src: torch.Tensor, bgr: torch.Tensor) -> Callable:
+    """A call of onnxruntime (CPU provider, torch's thread count) on model
+    exported to ONNX: upstream's as its export_onnx.py exports it (crop
+    'roi_align', replace 'scatter_element', opset 12, TorchScript-based
+    exporter), ours by export_onnx (see .export). float32 inputs."""
+    import copy
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    model = copy.deepcopy(model).float().eval()
+    example = (src.float(), bgr.float())
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name == ORT_UPSTREAM:
+            if hasattr(model, "refiner"):
+                model.refiner.patch_crop_method = "roi_align"
+                model.refiner.patch_replace_method = "scatter_element"
+            torch.onnx.export(model, example, buffer, opset_version=12, input_names=["src", "bgr"], dynamo=False)
+            data = buffer.getvalue()
+        else:
+            import tempfile
+
+            from .export import export_onnx
+
+            with tempfile.TemporaryDirectory() as folder:
+                path = os.path.join(folder, "model.onnx")
+                export_onnx(model, path, example=example, dynamic=False, validate=False)
+                with open(path, "rb") as f:
+                    data = f.read()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    feed = {"src": example[0].numpy(), "bgr": example[1].numpy()}
+    return lambda: session.run(None, feed)
 
 
 def _recover(device: torch.device) -> None:
@@ -301,6 +362,10 @@ def _environment(device: torch.device, other_share: Optional[float]) -> dict:
 
 
 def _label(backend: str) -> str:
+    if backend == ORT_UPSTREAM:
+        return "onnxruntime, upstream's ONNX (fp32)"
+    if backend == ORT_OURS:
+        return "onnxruntime, our ONNX (fp32)"
     return backend if backend == UPSTREAM else f"ours ({backend})"
 
 

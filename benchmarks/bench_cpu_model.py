@@ -1,0 +1,264 @@
+"""The whole model on the CPU beside what a CPU user would pick instead
+(issue 24): upstream eager, and onnxruntime running upstream's own ONNX
+export and ours, side by side in one process with the same weights, inputs
+and threads.
+
+    python benchmarks/bench_cpu_model.py [--backbones resnet50 mobilenetv2] [--settings HD 4K]
+                                         [--repeat N] [--rounds R] [--quick] [--no-onnx] [--out DIR]
+
+Per backbone and setting (upstream's speed-test settings: sampling mode,
+HD with backbone_scale 1/4 and 80,000 pixels, 4K with 1/8 and 320,000,
+refine_prevent_oversampling off so every contender refines the same number
+of cells), random weights and BatchNorm statistics shared by all:
+
+- upstream eager: backgroundmattingv2==1.0's MattingRefine, fp32;
+- onnxruntime, upstream's ONNX: that model exported as upstream's
+  export_onnx.py does (crop 'roi_align', replace 'scatter_element', opset
+  12, dynamic batch/height/width), run by onnxruntime's CPU provider with
+  intra_op_num_threads = torch's threads;
+- onnxruntime, our ONNX: `pymatting-ext export --format onnx` of ours;
+- ours: pymatting_ext's MattingRefine in eval, default settings, fp32;
+- ours bf16: the same under torch.autocast('cpu', torch.bfloat16), where the
+  CPU has native bfloat16 (AVX-512 BF16 or AMX); beside it upstream under
+  the same autocast.
+
+Calls are timed in round-robin blocks (common.timeit_rounds). Then where
+our time goes, each stage timed alone: the input's downsampling and the
+coarse network (backbone, ASPP, decoder), the refiner, the rest; and the
+coarse network's convolutions against their floor: its FLOPs (counted from
+the modules) over the rate of one large 3x3 convolution (256 -> 256
+channels, 68 x 120, channels-last, oneDNN with packed weights) measured
+beside it in the same dtype. Writes cpu_model_<backbone>.{json,txt} into
+results/<device>/ (or --out).
+"""
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from common import SETTINGS, Contention, Printer, device_info, random_bn_, timeit_rounds, write_results  # noqa: E402
+
+import pymatting_ext as pm  # noqa: E402
+from pymatting_ext import _coarse  # noqa: E402
+from pymatting_ext.app.speed import call_times  # noqa: E402
+
+
+def upstream_model(backbone, setting, **kw):
+    from BackgroundMattingV2.model import MattingRefine
+
+    model = MattingRefine(backbone, setting["scale"], "sampling", setting["sample_pixels"], 0.1, 3, False, **kw)
+    return random_bn_(model).eval()
+
+
+def ort_session(path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return session
+
+
+def export_upstream_onnx(up, src, bgr, path):
+    """As upstream's export_onnx.py: roi_align crop, scatter_element replace,
+    opset 12, dynamic batch and size, TorchScript-based exporter."""
+    model = copy.deepcopy(up)
+    model.refiner.patch_crop_method = "roi_align"
+    model.refiner.patch_replace_method = "scatter_element"
+    names = ["pha", "fgr", "pha_sm", "fgr_sm", "err_sm", "ref_sm"]
+    axes = {n: {0: "batch", 2: "height", 3: "width"} for n in ["src", "bgr"] + names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (src, bgr), path, opset_version=12, input_names=["src", "bgr"],
+                          output_names=names, dynamic_axes=axes, dynamo=False)
+
+
+def conv_flops(model, x):
+    """Multiply-adds x 2 of every convolution of model's coarse network for
+    its 6-channel input x, counted by hooks on the modules."""
+    total = [0]
+
+    def hook(m, inputs, out):
+        k = m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups)
+        total[0] += 2 * out.numel() * k
+
+    handles = [m.register_forward_hook(hook) for part in (model.backbone, model.aspp, model.decoder)
+               for m in part.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        os.environ[_coarse.ENV_VAR] = "0"
+        with torch.no_grad():
+            model._coarse_net(x)
+    finally:
+        del os.environ[_coarse.ENV_VAR]
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def large_conv_rate(dtype, repeat):
+    """GFLOP/s of one large 3x3 convolution (256 -> 256 channels on 68 x 120,
+    channels-last, packed weights, as the plan runs them)."""
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False)
+    step = _coarse._Conv(conv, None, torch.nn.ReLU(), dtype)
+    x = torch.rand(1, 256, 68, 120).to(dtype).contiguous(memory_format=torch.channels_last)
+    flops = 2 * 256 * 256 * 9 * 68 * 120
+    with torch.no_grad():
+        for _ in range(3):
+            step(x)
+        times = call_times(lambda: step(x), torch.device("cpu"), repeat)
+    return flops / (sorted(times)[len(times) // 2] / 1e3) / 1e9
+
+
+def stage_times(ours, src, bgr, autocast, repeat):
+    """ms (median) of the stages of ours' forward, each timed alone: the
+    downsampling of src and bgr, the coarse network, the refiner."""
+    scale = ours.backbone_scale
+    ctx = (lambda: torch.autocast("cpu", torch.bfloat16)) if autocast else (lambda: torch.autocast("cpu",
+                                                                                                    enabled=False))
+    with torch.inference_mode(), ctx():
+        def down():
+            return [F.interpolate(t, scale_factor=scale, mode="bilinear", align_corners=False,
+                                  recompute_scale_factor=True) for t in (src, bgr)]
+        src_sm, bgr_sm = down()
+        x = torch.cat([src_sm, bgr_sm], 1)
+        pha, fgr, err, hid = ours._coarse(src_sm, bgr_sm)
+        fns = {"downsample": down, "coarse network": lambda: ours._coarse_net(x),
+               "refiner": lambda: ours.refiner.forward_matting(src, bgr, pha, fgr, err, hid)}
+        out = {}
+        for name, fn in fns.items():
+            fn()
+            t = call_times(fn, torch.device("cpu"), repeat)
+            out[name] = sorted(t)[len(t) // 2]
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbones", nargs="+", default=["resnet50", "mobilenetv2"],
+                   choices=["resnet50", "resnet101", "mobilenetv2"])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--repeat", type=int, default=9, help="timed calls per contender (default 9)")
+    p.add_argument("--rounds", type=int, default=3, help="round-robin blocks (default 3)")
+    p.add_argument("--quick", action="store_true", help="3 timed calls in 1 round after 1 warm-up")
+    p.add_argument("--no-onnx", action="store_true", help="leave out the onnxruntime rows")
+    p.add_argument("--no-bf16", action="store_true", help="leave out the bfloat16 rows")
+    p.add_argument("--out", default=None, metavar="DIR")
+    args = p.parse_args()
+    repeat, rounds, warmup = (3, 1, 1) if args.quick else (args.repeat, args.rounds, 2)
+    device = torch.device("cpu")
+    info = device_info(device)
+    bf16 = not args.no_bf16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    onnx = not args.no_onnx
+    if onnx:
+        try:
+            import onnxruntime
+            info["onnxruntime"] = onnxruntime.__version__
+        except ImportError:
+            print("onnxruntime is not installed: no onnxruntime rows (`pip install onnxruntime onnx onnxscript`)")
+            onnx = False
+    info["native_bf16"] = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    work = tempfile.mkdtemp(prefix="bench_cpu_model_")
+    for backbone in args.backbones:
+        out = Printer()
+        contention = Contention()
+        out(f"device: {info['device_name']} ({info['threads']} threads), torch {info['torch']}, "
+            f"onnxruntime {info.get('onnxruntime', '-')}, native bfloat16: {info['native_bf16']}; "
+            f"median of {repeat} in {rounds} round(s) after {warmup} warm-up")
+        results = {}
+        for name in args.settings:
+            setting = SETTINGS[name]
+            torch.manual_seed(0)
+            up = upstream_model(backbone, setting)
+            ours = pm.MattingRefine(backbone, setting["scale"], "sampling", setting["sample_pixels"], 0.1, 3,
+                                    False).eval()
+            ours.load_state_dict(up.state_dict())
+            g = torch.Generator().manual_seed(0)
+            src = torch.rand(1, 3, setting["H"], setting["W"], generator=g)
+            bgr = torch.rand(1, 3, setting["H"], setting["W"], generator=g)
+            fns = {"upstream eager": lambda: up(src, bgr)}
+            exports = {}
+            if onnx:
+                from pymatting_ext.app.export import export_onnx
+
+                path = os.path.join(work, f"up_{backbone}_{name}.onnx")
+                t0 = time.perf_counter()
+                export_upstream_onnx(up, src, bgr, path)
+                exports["upstream"] = time.perf_counter() - t0
+                s_up = ort_session(path)
+                feed = {"src": src.numpy(), "bgr": bgr.numpy()}
+                fns["onnxruntime, upstream's ONNX"] = lambda s=s_up, f=feed: s.run(None, f)
+                path = os.path.join(work, f"ours_{backbone}_{name}.onnx")
+                t0 = time.perf_counter()
+                export_onnx(copy.deepcopy(ours), path, example=(src, bgr), validate=False)
+                exports["ours"] = time.perf_counter() - t0
+                s_ours = ort_session(path)
+                fns["onnxruntime, our ONNX"] = lambda s=s_ours, f=feed: s.run(None, f)
+            fns["ours"] = lambda: ours(src, bgr)
+            if bf16:
+                def autocast(model):
+                    def call():
+                        with torch.autocast("cpu", torch.bfloat16):
+                            return model(src, bgr)
+                    return call
+                fns["upstream eager, bf16 autocast"] = autocast(up)
+                fns["ours, bf16 autocast"] = autocast(ours)
+
+            def run_all():
+                with torch.inference_mode():
+                    return timeit_rounds(fns, device, warmup, repeat, rounds)
+            timing = run_all()
+            ort_ms = timing.get("onnxruntime, upstream's ONNX", {}).get("median_ms")
+            up_ms = timing["upstream eager"]["median_ms"]
+            rows = []
+            for label, t in timing.items():
+                ms = t["median_ms"]
+                rows.append([label, f"{ms:.1f}", f"{t['iqr_ms']:.1f}", f"{up_ms / ms:.2f}x",
+                             f"{ort_ms / ms:.2f}x" if ort_ms else "-"])
+            out.table(f"{backbone}, {name} ({setting['W']}x{setting['H']}, backbone_scale {setting['scale']}, "
+                      f"{setting['sample_pixels']:,} px), ms per frame",
+                      ["contender", "median", "IQR", "vs upstream eager", "vs onnxruntime (upstream's ONNX)"], rows)
+
+            # Where our time goes, and the coarse network against its floor.
+            Hc, Wc = int(setting["H"] * setting["scale"]), int(setting["W"] * setting["scale"])
+            flops = conv_flops(ours, torch.rand(1, 6, Hc, Wc))
+            breakdown = {}
+            for dtype, autocast_on in [(torch.float32, False)] + ([(torch.bfloat16, True)] if bf16 else []):
+                stages = stage_times(ours, src, bgr, autocast_on, max(3, repeat))
+                rate = large_conv_rate(dtype, max(5, repeat))
+                label = "fp32" if dtype == torch.float32 else "bf16 autocast"
+                coarse_rate = flops / (stages["coarse network"] / 1e3) / 1e9
+                breakdown[label] = {"stages_ms": stages, "coarse_gflop": flops / 1e9,
+                                    "coarse_gflops_per_s": coarse_rate, "large_conv_gflops_per_s": rate,
+                                    "coarse_share_of_large_conv_rate": coarse_rate / rate,
+                                    "coarse_floor_ms": flops / (rate * 1e9) * 1e3}
+                total = (timing["ours"] if not autocast_on else timing["ours, bf16 autocast"])["median_ms"]
+                out(f"\nours, {label}: {total:.1f} ms per frame = downsample {stages['downsample']:.1f} + coarse "
+                    f"network {stages['coarse network']:.1f} + refiner {stages['refiner']:.1f} + the rest "
+                    f"{total - sum(stages.values()):.1f} (each stage timed alone)")
+                out(f"  coarse network: {flops / 1e9:.1f} GFLOP at {coarse_rate:.0f} GFLOP/s = "
+                    f"{100 * coarse_rate / rate:.0f}% of one large 3x3 convolution's {rate:.0f} GFLOP/s "
+                    f"(floor {flops / (rate * 1e9) * 1e3:.0f} ms)")
+            results[name] = {"setting": setting, "timing": timing, "breakdown": breakdown,
+                             "export_seconds": exports}
+            del up, ours
+        line, share = contention.report()
+        if line:
+            out(line)
+        info["other_processes_cpu_share"] = share
+        path = write_results(f"cpu_model_{backbone}", {"info": info, "backbone": backbone, "results": results},
+                             out.text(), args.out)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
