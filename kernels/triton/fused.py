@@ -98,13 +98,13 @@ def _mm(a, w, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _tap_weights(w_ptr, c_in, c_out, c_lo, c_hi, t, TAPS: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
-    """[K, N]: tap t of input channels c_lo + k (< c_hi) of a contiguous
-    (c_out, c_in, kh, kw) weight, zeros in the padding."""
+def _tap_weights(w_ptr, c_in, c_out, t, TAPS: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+    """[K, N]: tap t of a contiguous (c_out, c_in, kh, kw) weight, zeros in
+    the padding (k >= c_in, n >= c_out)."""
     k = tl.arange(0, K)[:, None]
     n = tl.arange(0, N)[None, :]
-    m = (c_lo + k < c_hi) & (n < c_out)
-    return tl.load(w_ptr + (n * c_in + c_lo + k) * TAPS + t, mask=m, other=0.0)
+    m = (k < c_in) & (n < c_out)
+    return tl.load(w_ptr + (n * c_in + k) * TAPS + t, mask=m, other=0.0)
 
 
 @triton.jit
@@ -144,6 +144,22 @@ def _operand(a, b, BY_COLUMNS: tl.constexpr):
 def _bias(b_ptr, c_out, N: tl.constexpr):
     n = tl.arange(0, N)
     return tl.load(b_ptr + n, mask=n < c_out, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _conv(a, w_ptr, b_ptr, c_in, c_out, base, pos, TAPS: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+          S: tl.constexpr, R: tl.constexpr, K3: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """[M, N] float32: the convolution of the [M, K] operand a (rows: the
+    S x S positions of each patch) with the (c_out, c_in, k, k) weight, one
+    dot a tap shifted into place, plus the bias (columns past c_out zero).
+
+    NB: the tap loop is not unrolled: unrolled, the compiler hoisted every
+    tap's weight loads (spilling at 255 registers)."""
+    acc = tl.zeros([a.shape[0], N], tl.float32)
+    for t in range(TAPS):
+        y = _mm(a, _tap_weights(w_ptr, c_in, c_out, t, TAPS, K, N), PRECISION, UPCAST)
+        acc = _shift_add(acc, y, base, pos, (t // 3) * S + t % 3, R, K3)
+    return acc + _bias(b_ptr, c_out, N)
 
 
 @triton.jit
@@ -282,18 +298,10 @@ def _refine_kernel(out_ptr, map_ptr, idx_ptr, valid_ptr,
         a1 = _operand(a_hid, a_rest, BY_COLUMNS)
 
         # -- conv1 + ReLU, conv2 + ReLU ---------------------------------
-        # NB: tap loops not unrolled: unrolled, the compiler hoisted every
-        # tap's weight loads (spilling at 255 registers).
-        acc = tl.zeros([M, 32], tl.float32)
-        for t in range(TAPS):
-            y = _mm(a1, _tap_weights(w1_ptr, 42, 24, 0, 42, t, TAPS, 64, 32), PRECISION, UPCAST)
-            acc = _shift_add(acc, y, base, pos, (t // 3) * S + t % 3, R, K3)
-        z1 = to_dtype(tl.maximum(acc + _bias(b1_ptr, 24, 32), 0.0), dtype)
-        acc = tl.zeros([M, 16], tl.float32)
-        for t in range(TAPS):
-            y = _mm(z1, _tap_weights(w2_ptr, 24, 16, 0, 24, t, TAPS, 32, 16), PRECISION, UPCAST)
-            acc = _shift_add(acc, y, base, pos, (t // 3) * S + t % 3, R, K3)
-        z2 = to_dtype(tl.maximum(acc + _bias(b2_ptr, 16, 16), 0.0), dtype)
+        z1 = to_dtype(tl.maximum(_conv(a1, w1_ptr, b1_ptr, 42, 24, base, pos, TAPS, 64, 32, S, R, K3, PRECISION,
+                                       UPCAST), 0.0), dtype)
+        z2 = to_dtype(tl.maximum(_conv(z1, w2_ptr, b2_ptr, 24, 16, base, pos, TAPS, 32, 16, S, R, K3, PRECISION,
+                                       UPCAST), 0.0), dtype)
         if K3:
             # The nearest upsample 4x4 -> 8x8.
             z2 = tl.gather(z2, tl.broadcast_to((base + (py // 2) * S + px // 2)[:, None], z2.shape), 0)
@@ -318,16 +326,9 @@ def _refine_kernel(out_ptr, map_ptr, idx_ptr, valid_ptr,
         a3 = _operand(tl.trans(z2), a_crop, BY_COLUMNS)
 
         # -- conv3 + ReLU, conv4 ----------------------------------------
-        acc = tl.zeros([M, 16], tl.float32)
-        for t in range(TAPS):
-            y = _mm(a3, _tap_weights(w3_ptr, 22, 12, 0, 22, t, TAPS, 32, 16), PRECISION, UPCAST)
-            acc = _shift_add(acc, y, base, pos, (t // 3) * S + t % 3, R, K3)
-        z3 = to_dtype(tl.maximum(acc + _bias(b3_ptr, 12, 16), 0.0), dtype)
-        acc = tl.zeros([M, 16], tl.float32)
-        for t in range(TAPS):
-            y = _mm(z3, _tap_weights(w4_ptr, 12, 4, 0, 12, t, TAPS, 16, 16), PRECISION, UPCAST)
-            acc = _shift_add(acc, y, base, pos, (t // 3) * S + t % 3, R, K3)
-        v = acc + _bias(b4_ptr, 4, 16)
+        z3 = to_dtype(tl.maximum(_conv(a3, w3_ptr, b3_ptr, 22, 12, base, pos, TAPS, 32, 16, S, R, K3, PRECISION,
+                                       UPCAST), 0.0), dtype)
+        v = _conv(z3, w4_ptr, b4_ptr, 12, 4, base, pos, TAPS, 16, 16, S, R, K3, PRECISION, UPCAST)
 
         # -- the refined cell, written into the output ------------------
         if K3:
