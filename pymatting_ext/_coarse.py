@@ -55,10 +55,6 @@ def _fold(conv: nn.Conv2d, bn: Optional[nn.Module]) -> Tuple[Tensor, Tensor]:
     w = conv.weight.detach().double()
     b = conv.bias.detach().double() if conv.bias is not None else w.new_zeros(w.shape[0])
     if bn is not None:
-        # (SyncBatchNorm in eval mode is BatchNorm2d with its running statistics.)
-        if (not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or bn.running_mean is None
-                or bn.running_var is None):
-            raise _Unsupported(f"expected an eval BatchNorm2d, got {type(bn).__name__}")
         scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight.detach().double()
@@ -76,14 +72,10 @@ class _Conv:
     def __init__(self, conv: nn.Module, bn: Optional[nn.Module], act: Optional[nn.Module], dtype: torch.dtype):
         if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise _Unsupported(f"expected a zero-padded Conv2d, got {conv!r}")
-        w, b = _fold(conv, bn)
-        self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        # Packed on the first call, for that input's size: oneDNN picks the
-        # weights' layout by the problem's shape (packed without it, the 1x1
-        # convolutions at stride 16 ran 6x slower).
-        self.weight: Optional[Tensor] = None
-        self.dense: Optional[Tensor] = w.to(dtype)
-        self.bias = b.to(dtype)  # (as autocast's convolutions: the bias in the weights' dtype)
+        if bn is not None and (not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or bn.running_mean is None
+                               or bn.running_var is None):
+            # (SyncBatchNorm in eval mode is BatchNorm2d with its running statistics.)
+            raise _Unsupported(f"expected an eval BatchNorm2d, got {type(bn).__name__}")
         if act is None:
             self.attr, self.scalars = "none", []
         elif type(act) is nn.ReLU:
@@ -92,12 +84,26 @@ class _Conv:
             self.attr, self.scalars = "hardtanh", [0.0, 6.0]
         else:
             raise _Unsupported(f"no fused activation for {type(act).__name__}")
+        self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        self.dtype = dtype
+        # Folded and packed on the first call, for that input's size: oneDNN
+        # picks the weights' layout by the problem's shape (packed without it,
+        # the 1x1 convolutions at stride 16 ran 6x slower), and one layer at a
+        # time keeps the transient copies small.
+        self.source: Optional[Tuple[nn.Module, Optional[nn.Module]]] = (conv, bn)
+        self.weight: Optional[Tensor] = None
+        self.bias: Optional[Tensor] = None
+
+    def _pack(self, x: Tensor) -> None:
+        w, b = _fold(*self.source)
+        self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to(self.dtype).to_mkldnn(), *self.args,
+                                                                 list(x.shape))
+        self.bias = b.to(self.dtype)  # (as autocast's convolutions: the bias in the weights' dtype)
+        self.source = None
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.weight is None:
-            self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(self.dense.to_mkldnn(), *self.args,
-                                                                     list(x.shape))
-            self.dense = None
+            self._pack(x)
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *self.args, self.attr,
                                                            self.scalars, "")
