@@ -28,8 +28,9 @@ coarse network (backbone, ASPP, decoder), the refiner, the rest; and the
 coarse network's convolutions against their floor: its FLOPs (counted from
 the modules) over the rate of one large 3x3 convolution (256 -> 256
 channels, 68 x 120, channels-last, oneDNN with packed weights) measured
-beside it in the same dtype. Writes cpu_model_<backbone>.{json,txt} into
-results/<device>/ (or --out).
+beside it in the same dtype; and the peak memory (maximum RSS of a fresh
+process making 3 calls) with the plan and with the modules. Writes
+cpu_model_<backbone>.{json,txt} into results/<device>/ (or --out).
 """
 import argparse
 import copy
@@ -142,7 +143,49 @@ def stage_times(ours, src, bgr, autocast, repeat):
     return out
 
 
+def _vm_hwm_mb():
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not
+    inherited from the process that started this one)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def peak_rss_child(backbone, name, autocast):
+    """In a child process: ours at the setting, 3 calls; prints the peak RSS
+    (MB) before the calls and after them."""
+    setting = SETTINGS[name]
+    ours = pm.MattingRefine(backbone, setting["scale"], "sampling", setting["sample_pixels"], 0.1, 3,
+                            False).eval()
+    src = torch.rand(1, 3, setting["H"], setting["W"])
+    bgr = torch.rand(1, 3, setting["H"], setting["W"])
+    before = _vm_hwm_mb()
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        for _ in range(3):
+            ours(src, bgr)
+    print(f"{before:.1f} {_vm_hwm_mb():.1f}")
+
+
+def peak_rss(backbone, name, autocast, plan):
+    """(MB before the calls, peak MB) of peak_rss_child in a fresh process,
+    with the coarse network's plan on or off (the modules, as before it)."""
+    import subprocess
+
+    env = dict(os.environ, **{_coarse.ENV_VAR: "1" if plan else "0"})
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-memory", backbone, name,
+                          str(int(autocast))], capture_output=True, text=True, env=env, timeout=1200)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    before, peak = map(float, out.stdout.split()[-2:])
+    return before, peak
+
+
 def main():
+    if len(sys.argv) == 5 and sys.argv[1] == "--child-memory":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+        return peak_rss_child(sys.argv[2], sys.argv[3], bool(int(sys.argv[4])))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbones", nargs="+", default=["resnet50", "mobilenetv2"],
                    choices=["resnet50", "resnet101", "mobilenetv2"])
@@ -255,6 +298,19 @@ def main():
         if line:
             out(line)
         info["other_processes_cpu_share"] = share
+        # Peak memory (each in a fresh process, after the timings): the plan
+        # against the modules.
+        for name in args.settings:
+            memory = {}
+            for label, autocast_on in [("fp32", False)] + ([("bf16 autocast", True)] if bf16 else []):
+                (b0, with_plan), (b1, modules) = (peak_rss(backbone, name, autocast_on, True),
+                                                  peak_rss(backbone, name, autocast_on, False))
+                memory[label] = {"peak_rss_mb_plan": with_plan, "peak_rss_mb_modules": modules,
+                                 "rss_mb_before_calls": [b0, b1]}
+                out(f"peak memory, {backbone} {name} {label}: {with_plan:.0f} MB with the plan, {modules:.0f} MB "
+                    f"with the modules ({with_plan - modules:+.0f} MB; {b0:.0f} MB before the first call), "
+                    f"3 calls in a fresh process")
+            results[name]["peak_memory"] = memory
         path = write_results(f"cpu_model_{backbone}", {"info": info, "backbone": backbone, "results": results},
                              out.text(), args.out)
         print(f"wrote {path}")
