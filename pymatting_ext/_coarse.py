@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .refiner import fold_batchnorm
+
 __all__ = ["coarse_plan", "prepare", "CoarsePlan", "ENV_VAR"]
 
 #: Environment variable: 0 runs the modules instead of the plan.
@@ -51,18 +53,10 @@ class _Unsupported(Exception):
 
 def _fold(conv: nn.Conv2d, bn: Optional[nn.Module]) -> Tuple[Tensor, Tensor]:
     """conv followed by an eval BatchNorm (or nothing), as one conv's weight
-    and bias, folded in float64."""
-    w = conv.weight.detach().double()
-    b = conv.bias.detach().double() if conv.bias is not None else w.new_zeros(w.shape[0])
-    if bn is not None:
-        scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.detach().double()
-        b = (b - bn.running_mean.detach().double()) * scale
-        if bn.bias is not None:
-            b = b + bn.bias.detach().double()
-        w = w * scale[:, None, None, None]
-    return w, b
+    and bias in float64 (the refiner's fold)."""
+    if bn is None:
+        return fold_batchnorm(conv.weight, conv.bias, None, None, None, None, 0.0)
+    return fold_batchnorm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
 
 class _Conv:

@@ -18,11 +18,11 @@ from ._plan import RunPlan, promote_under_autocast
 
 __all__ = ["Refiner"]
 
-def _fold(weight: Tensor, bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor],
-          gamma: Optional[Tensor], beta: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+def fold_batchnorm(weight: Tensor, bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor],
+                   gamma: Optional[Tensor], beta: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
     """Weights and bias of a conv followed by an eval-mode BatchNorm (mean and
-    var None: no BatchNorm), as one conv. Folded in float64 and rounded once
-    to the weights' dtype."""
+    var None: no BatchNorm), as one conv, in float64 (the caller rounds them
+    once to its dtype). Also the coarse network's fold (pymatting_ext._coarse)."""
     w = weight.double()
     b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     if mean is not None and var is not None:
@@ -33,6 +33,13 @@ def _fold(weight: Tensor, bias: Optional[Tensor], mean: Optional[Tensor], var: O
         if beta is not None:
             b = b + beta.double()
         w = w * scale[:, None, None, None]
+    return w, b
+
+
+def _fold(weight: Tensor, bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor],
+          gamma: Optional[Tensor], beta: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+    """fold_batchnorm rounded once to the weights' dtype."""
+    w, b = fold_batchnorm(weight, bias, mean, var, gamma, beta, eps)
     return w.to(weight.dtype), b.to(weight.dtype)
 
 
