@@ -33,12 +33,9 @@ process making 3 calls) with the plan and with the modules. Writes
 cpu_model_<backbone>.{json,txt} into results/<device>/ (or --out).
 """
 import argparse
-import copy
 import os
 import sys
-import tempfile
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +47,7 @@ from common import SETTINGS, Contention, Printer, device_info, random_bn_, timei
 
 import pymatting_ext as pm  # noqa: E402
 from pymatting_ext import _coarse  # noqa: E402
-from pymatting_ext.app.speed import call_times  # noqa: E402
+from pymatting_ext.app.speed import ORT_OURS, ORT_UPSTREAM, call_times, onnxruntime_call  # noqa: E402
 
 
 def upstream_model(backbone, setting, **kw):
@@ -58,30 +55,6 @@ def upstream_model(backbone, setting, **kw):
 
     model = MattingRefine(backbone, setting["scale"], "sampling", setting["sample_pixels"], 0.1, 3, False, **kw)
     return random_bn_(model).eval()
-
-
-def ort_session(path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return session
-
-
-def export_upstream_onnx(up, src, bgr, path):
-    """As upstream's export_onnx.py: roi_align crop, scatter_element replace,
-    opset 12, dynamic batch and size, TorchScript-based exporter."""
-    model = copy.deepcopy(up)
-    model.refiner.patch_crop_method = "roi_align"
-    model.refiner.patch_replace_method = "scatter_element"
-    names = ["pha", "fgr", "pha_sm", "fgr_sm", "err_sm", "ref_sm"]
-    axes = {n: {0: "batch", 2: "height", 3: "width"} for n in ["src", "bgr"] + names}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (src, bgr), path, opset_version=12, input_names=["src", "bgr"],
-                          output_names=names, dynamic_axes=axes, dynamo=False)
 
 
 def conv_flops(model, x):
@@ -210,7 +183,6 @@ def main():
             print("onnxruntime is not installed: no onnxruntime rows (`pip install onnxruntime onnx onnxscript`)")
             onnx = False
     info["native_bf16"] = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    work = tempfile.mkdtemp(prefix="bench_cpu_model_")
     for backbone in args.backbones:
         out = Printer()
         contention = Contention()
@@ -228,25 +200,17 @@ def main():
             g = torch.Generator().manual_seed(0)
             src = torch.rand(1, 3, setting["H"], setting["W"], generator=g)
             bgr = torch.rand(1, 3, setting["H"], setting["W"], generator=g)
-            fns = {"upstream eager": lambda: up(src, bgr)}
+            fns = {"upstream eager": lambda m=up: m(src, bgr)}
             exports = {}
             if onnx:
-                from pymatting_ext.app.export import export_onnx
-
-                path = os.path.join(work, f"up_{backbone}_{name}.onnx")
-                t0 = time.perf_counter()
-                export_upstream_onnx(up, src, bgr, path)
-                exports["upstream"] = time.perf_counter() - t0
-                s_up = ort_session(path)
-                feed = {"src": src.numpy(), "bgr": bgr.numpy()}
-                fns["onnxruntime, upstream's ONNX"] = lambda s=s_up, f=feed: s.run(None, f)
-                path = os.path.join(work, f"ours_{backbone}_{name}.onnx")
-                t0 = time.perf_counter()
-                export_onnx(copy.deepcopy(ours), path, example=(src, bgr), validate=False)
-                exports["ours"] = time.perf_counter() - t0
-                s_ours = ort_session(path)
-                fns["onnxruntime, our ONNX"] = lambda s=s_ours, f=feed: s.run(None, f)
-            fns["ours"] = lambda: ours(src, bgr)
+                # (Exported, as upstream's export_onnx.py and our export do it, and
+                # loaded into onnxruntime with torch's threads: not timed.)
+                for label, row, which, model in (("upstream", "onnxruntime, upstream's ONNX", ORT_UPSTREAM, up),
+                                                 ("ours", "onnxruntime, our ONNX", ORT_OURS, ours)):
+                    t0 = time.perf_counter()
+                    fns[row] = onnxruntime_call(which, model, src, bgr)
+                    exports[label] = time.perf_counter() - t0
+            fns["ours"] = lambda m=ours: m(src, bgr)
             if bf16:
                 def autocast(model):
                     def call():
@@ -292,7 +256,7 @@ def main():
                     f"{100 * coarse_rate / rate:.0f}% of one large 3x3 convolution's {rate:.0f} GFLOP/s "
                     f"(floor {flops / (rate * 1e9) * 1e3:.0f} ms)")
             results[name] = {"setting": setting, "timing": timing, "breakdown": breakdown,
-                             "export_seconds": exports}
+                             "onnx_export_and_load_seconds": exports}
             del up, ours
         line, share = contention.report()
         if line:

@@ -32,7 +32,7 @@ import torch
 
 from .common import UserError, build_model, dtype_of, pick_device, require
 
-__all__ = ["run_speed", "format_table", "save_json", "plot", "default_backends"]
+__all__ = ["run_speed", "format_table", "save_json", "plot", "default_backends", "onnxruntime_call"]
 
 UPSTREAM = "upstream"
 ORT_UPSTREAM = "onnxruntime-upstream"
@@ -214,7 +214,7 @@ def run_speed(*, backbone: str = "resnet50", resolutions: Sequence[Tuple] = ((19
 
                 if name in ONNXRUNTIME:
                     say(f"{W}x{H} {name}: exporting ...")
-                    call = _onnxruntime_call(name, model, src, bgr)
+                    call = onnxruntime_call(name, model, src, bgr)
 
                 with torch.inference_mode():
                     if mode == "eager":
@@ -261,11 +261,13 @@ class _NotCapturable(Exception):
     pass
 
 
-def _onnxruntime_call(name: str, model: torch.nn.Module, src: torch.Tensor, bgr: torch.Tensor) -> Callable:
+def onnxruntime_call(name: str, model: torch.nn.Module, src: torch.Tensor, bgr: torch.Tensor) -> Callable:
     """A call of onnxruntime (CPU provider, torch's thread count) on model
-    exported to ONNX: upstream's as its export_onnx.py exports it (crop
-    'roi_align', replace 'scatter_element', opset 12, TorchScript-based
-    exporter), ours by export_onnx (see .export). float32 inputs."""
+    exported to ONNX: upstream's (ORT_UPSTREAM) as its export_onnx.py
+    exports it (crop 'roi_align', replace 'scatter_element', opset 12,
+    dynamic batch and size, TorchScript-based exporter), ours (ORT_OURS) by
+    export_onnx (see .export; dynamic too). The call runs src and bgr
+    (float32); benchmarks/bench_cpu_model.py times it too."""
     import copy
     import io
     import warnings
@@ -281,7 +283,11 @@ def _onnxruntime_call(name: str, model: torch.nn.Module, src: torch.Tensor, bgr:
             if hasattr(model, "refiner"):
                 model.refiner.patch_crop_method = "roi_align"
                 model.refiner.patch_replace_method = "scatter_element"
-            torch.onnx.export(model, example, buffer, opset_version=12, input_names=["src", "bgr"], dynamo=False)
+            names = ["pha", "fgr", "pha_sm", "fgr_sm", "err_sm", "ref_sm"] if hasattr(model, "refiner") else \
+                ["pha", "fgr", "err", "hid"]
+            axes = {n: {0: "batch", 2: "height", 3: "width"} for n in ["src", "bgr"] + names}
+            torch.onnx.export(model, example, buffer, opset_version=12, input_names=["src", "bgr"],
+                              output_names=names, dynamic_axes=axes, dynamo=False)
             data = buffer.getvalue()
         else:
             import tempfile
@@ -290,7 +296,7 @@ def _onnxruntime_call(name: str, model: torch.nn.Module, src: torch.Tensor, bgr:
 
             with tempfile.TemporaryDirectory() as folder:
                 path = os.path.join(folder, "model.onnx")
-                export_onnx(model, path, example=example, dynamic=False, validate=False)
+                export_onnx(model, path, example=example, validate=False)
                 with open(path, "rb") as f:
                     data = f.read()
     options = ort.SessionOptions()

@@ -35,7 +35,7 @@ def test_onnxruntime_rows_compute_the_models_results():
     src, bgr = torch.rand(1, 3, 64, 96), torch.rand(1, 3, 64, 96)
     with torch.no_grad():
         want = up(src, bgr)
-    got = speed._onnxruntime_call(speed.ORT_UPSTREAM, up, src, bgr)()
+    got = speed.onnxruntime_call(speed.ORT_UPSTREAM, up, src, bgr)()
     assert len(got) == 6
     for u, o in zip(want[2:5], got[2:5]):  # the coarse outputs (the refined ones depend on ties)
         assert float((u - torch.from_numpy(o)).abs().max()) < 1e-4
