@@ -128,7 +128,8 @@ def _vm_hwm_mb():
 
 def peak_rss_child(backbone, name, autocast):
     """In a child process: ours at the setting, 3 calls; prints the peak RSS
-    (MB) before the calls and after them."""
+    (MB) before the calls and after them, and the MB the coarse network's
+    plan holds (its packed weights; 0 without it)."""
     setting = SETTINGS[name]
     ours = pm.MattingRefine(backbone, setting["scale"], "sampling", setting["sample_pixels"], 0.1, 3,
                             False).eval()
@@ -138,11 +139,13 @@ def peak_rss_child(backbone, name, autocast):
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         for _ in range(3):
             ours(src, bgr)
-    print(f"{before:.1f} {_vm_hwm_mb():.1f}")
+    cached = _coarse._PLANS.get(ours)
+    packed = cached[1].nbytes() / 2**20 if cached is not None and cached[1] is not None else 0.0
+    print(f"{before:.1f} {_vm_hwm_mb():.1f} {packed:.1f}")
 
 
 def peak_rss(backbone, name, autocast, plan):
-    """(MB before the calls, peak MB) of peak_rss_child in a fresh process,
+    """(MB before the calls, peak MB, packed MB) of peak_rss_child in a fresh process,
     with the coarse network's plan on or off (the modules, as before it)."""
     import subprocess
 
@@ -151,8 +154,8 @@ def peak_rss(backbone, name, autocast, plan):
                           str(int(autocast))], capture_output=True, text=True, env=env, timeout=1200)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
-    before, peak = map(float, out.stdout.split()[-2:])
-    return before, peak
+    before, peak, packed = map(float, out.stdout.split()[-3:])
+    return before, peak, packed
 
 
 def main():
@@ -267,13 +270,13 @@ def main():
         for name in args.settings:
             memory = {}
             for label, autocast_on in [("fp32", False)] + ([("bf16 autocast", True)] if bf16 else []):
-                (b0, with_plan), (b1, modules) = (peak_rss(backbone, name, autocast_on, True),
-                                                  peak_rss(backbone, name, autocast_on, False))
+                (b0, with_plan, packed), (b1, modules, _) = (peak_rss(backbone, name, autocast_on, True),
+                                                             peak_rss(backbone, name, autocast_on, False))
                 memory[label] = {"peak_rss_mb_plan": with_plan, "peak_rss_mb_modules": modules,
-                                 "rss_mb_before_calls": [b0, b1]}
+                                 "rss_mb_before_calls": [b0, b1], "plan_packed_weights_mb": packed}
                 out(f"peak memory, {backbone} {name} {label}: {with_plan:.0f} MB with the plan, {modules:.0f} MB "
-                    f"with the modules ({with_plan - modules:+.0f} MB; {b0:.0f} MB before the first call), "
-                    f"3 calls in a fresh process")
+                    f"with the modules ({with_plan - modules:+.0f} MB, of which the plan's packed weights "
+                    f"{packed:.0f} MB; {b0:.0f} MB before the first call), 3 calls in a fresh process")
             results[name]["peak_memory"] = memory
         path = write_results(f"cpu_model_{backbone}", {"info": info, "backbone": backbone, "results": results},
                              out.text(), args.out)

@@ -117,20 +117,25 @@ class _Conv:
                                                               "add", 1.0, unary, self.scalars, "")
 
 
-def _conv_bn_act(seq: nn.Module, dtype: torch.dtype) -> _Conv:
+#: A layer's constructor, (conv, bn, act, pad_out=False) -> _Conv: the plan's
+#: dtype bound, and each layer recorded in CoarsePlan.layers.
+_Make = Callable[..., _Conv]
+
+
+def _conv_bn_act(seq: nn.Module, make: _Make) -> _Conv:
     """A Sequential of (Conv2d, BatchNorm2d[, activation][, Dropout]), as
     torchvision's Conv2dNormActivation, ASPP branches and upstream's
     ConvBNReLU."""
     layers = [m for m in seq.children() if not (isinstance(m, nn.Dropout) or type(m) is nn.Identity)]
     if len(layers) not in (2, 3):
         raise _Unsupported(f"expected conv, BatchNorm and an activation, got {seq!r}")
-    return _Conv(layers[0], layers[1], layers[2] if len(layers) == 3 else None, dtype)
+    return make(layers[0], layers[1], layers[2] if len(layers) == 3 else None)
 
 
-def _resnet(enc: nn.Module, dtype: torch.dtype) -> Callable[[Tensor], List[Tensor]]:
+def _resnet(enc: nn.Module, make: _Make) -> Callable[[Tensor], List[Tensor]]:
     """ResNetEncoder (ours or upstream's): stem, max pool, four stages of
     bottlenecks; returns [s16, s8, s4, s2]."""
-    stem = _Conv(enc.conv1, enc.bn1, enc.relu, dtype)
+    stem = make(enc.conv1, enc.bn1, enc.relu)
     pool = enc.maxpool
     if type(pool) is not nn.MaxPool2d:
         raise _Unsupported("expected a MaxPool2d")
@@ -144,10 +149,10 @@ def _resnet(enc: nn.Module, dtype: torch.dtype) -> Callable[[Tensor], List[Tenso
             if block.downsample is not None:
                 if len(block.downsample) != 2:
                     raise _Unsupported("expected a downsample of conv and BatchNorm")
-                down = _Conv(block.downsample[0], block.downsample[1], None, dtype)
-            blocks.append((_Conv(block.conv1, block.bn1, block.relu, dtype),
-                           _Conv(block.conv2, block.bn2, block.relu, dtype),
-                           _Conv(block.conv3, block.bn3, block.relu, dtype), down))
+                down = make(block.downsample[0], block.downsample[1], None)
+            blocks.append((make(block.conv1, block.bn1, block.relu),
+                           make(block.conv2, block.bn2, block.relu),
+                           make(block.conv3, block.bn3, block.relu), down))
         stages.append(blocks)
 
     def run(x: Tensor) -> List[Tensor]:
@@ -163,7 +168,7 @@ def _resnet(enc: nn.Module, dtype: torch.dtype) -> Callable[[Tensor], List[Tenso
     return run
 
 
-def _mobilenet(enc: nn.Module, dtype: torch.dtype) -> Callable[[Tensor], List[Tensor]]:
+def _mobilenet(enc: nn.Module, make: _Make) -> Callable[[Tensor], List[Tensor]]:
     """MobileNetV2Encoder (ours or upstream's): 18 blocks of features, the
     skips after blocks 1, 3 and 6; returns [s16, s8, s4, s2]."""
     features = list(enc.features)
@@ -173,11 +178,11 @@ def _mobilenet(enc: nn.Module, dtype: torch.dtype) -> Callable[[Tensor], List[Te
     for block in features:
         if hasattr(block, "use_res_connect"):
             layers = list(block.conv)
-            convs = [_conv_bn_act(m, dtype) for m in layers[:-2]]
-            convs.append(_Conv(layers[-2], layers[-1], None, dtype))
+            convs = [_conv_bn_act(m, make) for m in layers[:-2]]
+            convs.append(make(layers[-2], layers[-1], None))
             steps.append((convs, bool(block.use_res_connect)))
         else:
-            steps.append(([_conv_bn_act(block, dtype)], False))
+            steps.append(([_conv_bn_act(block, make)], False))
 
     def run(x: Tensor) -> List[Tensor]:
         skips = []
@@ -193,15 +198,15 @@ def _mobilenet(enc: nn.Module, dtype: torch.dtype) -> Callable[[Tensor], List[Te
     return run
 
 
-def _aspp(aspp: nn.Module, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+def _aspp(aspp: nn.Module, make: _Make) -> Callable[[Tensor], Tensor]:
     """torchvision's ASPP: a 1x1 branch, three atrous branches, image pooling,
     then the 1x1 projection (its Dropout is the identity in eval)."""
     branches = list(aspp.convs)
     if len(branches) < 2 or not isinstance(branches[-1][0], nn.AdaptiveAvgPool2d):
         raise _Unsupported("expected torchvision's ASPP")
-    convs = [_conv_bn_act(b, dtype) for b in branches[:-1]]
-    pooled = _conv_bn_act(nn.Sequential(*list(branches[-1])[1:]), dtype)
-    project = _conv_bn_act(aspp.project, dtype)
+    convs = [_conv_bn_act(b, make) for b in branches[:-1]]
+    pooled = _conv_bn_act(nn.Sequential(*list(branches[-1])[1:]), make)
+    project = _conv_bn_act(aspp.project, make)
 
     def run(x: Tensor) -> Tensor:
         parts = [conv(x) for conv in convs]
@@ -212,12 +217,12 @@ def _aspp(aspp: nn.Module, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     return run
 
 
-def _decoder(dec: nn.Module, dtype: torch.dtype) -> Callable[[Tensor, List[Tensor]], Tensor]:
+def _decoder(dec: nn.Module, make: _Make) -> Callable[[Tensor, List[Tensor]], Tensor]:
     """Decoder (ours or upstream's): four upsample-concatenate-convolve steps;
     the last convolution's output may have zero channels appended."""
     relu = dec.relu
-    convs = [_Conv(dec.conv1, dec.bn1, relu, dtype), _Conv(dec.conv2, dec.bn2, relu, dtype),
-             _Conv(dec.conv3, dec.bn3, relu, dtype), _Conv(dec.conv4, None, None, dtype, pad_out=True)]
+    convs = [make(dec.conv1, dec.bn1, relu), make(dec.conv2, dec.bn2, relu),
+             make(dec.conv3, dec.bn3, relu), make(dec.conv4, None, None, pad_out=True)]
 
     def run(x: Tensor, skips: List[Tensor]) -> Tensor:
         for conv, skip in zip(convs, skips):
@@ -237,9 +242,16 @@ class CoarsePlan:
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         backbone = model.backbone
         self.dtype = dtype
-        self.backbone = _mobilenet(backbone, dtype) if hasattr(backbone, "features") else _resnet(backbone, dtype)
-        self.aspp = _aspp(model.aspp, dtype)
-        self.decoder = _decoder(model.decoder, dtype)
+        self.layers: List[_Conv] = []
+
+        def make(conv: nn.Module, bn: Optional[nn.Module], act: Optional[nn.Module], pad_out: bool = False) -> _Conv:
+            layer = _Conv(conv, bn, act, dtype, pad_out)
+            self.layers.append(layer)
+            return layer
+
+        self.backbone = _mobilenet(backbone, make) if hasattr(backbone, "features") else _resnet(backbone, make)
+        self.aspp = _aspp(model.aspp, make)
+        self.decoder = _decoder(model.decoder, make)
         self.channels = model.decoder.conv4.out_channels
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -247,6 +259,12 @@ class CoarsePlan:
         s16, s8, s4, s2 = self.backbone(x)
         out = self.decoder(self.aspp(s16), [s8, s4, s2, x])
         return out[:, :self.channels].contiguous()
+
+    def nbytes(self) -> int:
+        """The memory its packed weights and biases hold (0 before its first
+        call): its cost beside the model's own parameters."""
+        return sum(torch.ops.mkldnn._nbytes(layer.weight) + layer.bias.numel() * layer.bias.element_size()
+                   for layer in self.layers if layer.weight is not None and layer.bias is not None)
 
 
 def _plan_dtype(model: nn.Module, x: Tensor) -> Optional[torch.dtype]:

@@ -120,6 +120,23 @@ def test_plan_is_cached_and_rebuilt_when_the_weights_change():
         assert_close(ours(src, bgr)[2], want[2], 2e-5, "err after load_state_dict")
 
 
+@pytest.mark.parametrize("backbone", ["mobilenetv2", "resnet50"])
+def test_plan_holds_one_packed_copy_of_the_weights(backbone):
+    # What the plan costs in memory beside the model (the benchmark's
+    # breakdown of peak memory): its packed weights, packed on the first call.
+    _, ours = base_pair(backbone)
+    x = torch.rand(1, 6, 64, 96)
+    params = sum(p.numel() * p.element_size() for part in (ours.backbone, ours.aspp, ours.decoder)
+                 for p in part.parameters())
+    with torch.no_grad():
+        plan = _coarse.coarse_plan(ours, x)
+        assert plan.nbytes() == 0
+        ours._coarse_net(x)
+    # oneDNN pads the blocked layouts (the stem's 6 input channels to 8, the
+    # decoder's 37 outputs to 48) and drops the BatchNorms' parameters.
+    assert params * 0.98 < plan.nbytes() < params * 1.05
+
+
 @pytest.mark.parametrize("how", ["training", "grad", "hook", "float64", "env", "autocast fp16", "tracing"])
 def test_modules_run_where_the_plan_may_not(how):
     _, ours = base_pair("mobilenetv2")
