@@ -221,10 +221,22 @@ class MattingBase(Base):
         s16, s8, s4, s2, s1 = self.backbone(x)
         return self.decoder(self.aspp(s16), s8, s4, s2, s1)
 
-    def _coarse(self, src: Tensor, bgr: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _coarse(self, src: Tensor, bgr: Tensor,
+                any_hid_layout: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """pha, the foreground residual (not yet added to src), err and hid,
-        as views of one decoder output, activated in place as upstream does."""
-        x = self._coarse_net(torch.cat([src, bgr], dim=1))
+        as views of one decoder output, activated in place as upstream does.
+        With any_hid_layout (for the refiner, never returned), hid may be a
+        channels-last view, and the others views of an NCHW copy."""
+        x = torch.cat([src, bgr], dim=1)
+        if not torch.jit.is_scripting():
+            if any_hid_layout:
+                plan = coarse_plan(self, x)
+                if plan is not None:
+                    head, hid = plan.head_and_hidden(x, 5)
+                    pha = head[:, 0:1].clamp_(0.0, 1.0)
+                    err = head[:, 4:5].clamp_(0.0, 1.0)
+                    return pha, head[:, 1:4], err, hid.relu_()
+        x = self._coarse_net(x)
         pha = x[:, 0:1].clamp_(0.0, 1.0)
         err = x[:, 4:5].clamp_(0.0, 1.0)
         hid = x[:, 5:].relu_()
@@ -297,7 +309,7 @@ class MattingRefine(MattingBase):
                                recompute_scale_factor=True)
         bgr_sm = F.interpolate(bgr, scale_factor=self.backbone_scale, mode="bilinear", align_corners=False,
                                recompute_scale_factor=True)
-        pha_sm, fgr_residual_sm, err_sm, hid_sm = self._coarse(src_sm, bgr_sm)
+        pha_sm, fgr_residual_sm, err_sm, hid_sm = self._coarse(src_sm, bgr_sm, True)
         # The clamp of pha and the addition of src to fgr happen inside the
         # refiner's compose kernel: no further full-resolution pass.
         pha, fgr, ref_sm = self.refiner.forward_matting(src, bgr, pha_sm, fgr_residual_sm, err_sm, hid_sm)

@@ -264,9 +264,33 @@ def test_bfloat16_model_runs_the_plan():
 def test_matting_refine_default_path_uses_the_plan(monkeypatch):
     model = MattingRefine("mobilenetv2", 0.25, "sampling", 16 * 60).eval()
     calls = []
-    real = _coarse.CoarsePlan.__call__
-    monkeypatch.setattr(_coarse.CoarsePlan, "__call__", lambda self, x: calls.append(1) or real(self, x))
+    real = _coarse.CoarsePlan._run
+    monkeypatch.setattr(_coarse.CoarsePlan, "_run", lambda self, x: calls.append(1) or real(self, x))
     with torch.inference_mode():
         model(*images(1, 64, 96))
     assert calls == [1]
     assert pm.MattingRefine is MattingRefine
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_refiner_reads_hid_channels_last_with_the_same_results(B):
+    # MattingRefine hands the refiner hid as a view of the plan's
+    # channels-last output (no NCHW copy); pha, fgr and err come from an
+    # NCHW copy, so the coarse outputs it returns have upstream's strides.
+    model = random_bn_(MattingRefine("mobilenetv2", 0.5, "sampling", 16 * 40)).eval()
+    x = images(B, 64, 96)
+    x_sm = [torch.nn.functional.interpolate(t, scale_factor=0.5, mode="bilinear") for t in x]
+    with torch.inference_mode():
+        pha, fgr_residual, err, hid = model._coarse(*x_sm, True)
+        want = model._coarse(*x_sm)
+        assert hid.stride()[1] == 1, "hid is a view of the channels-last output"
+        for name, u, o in zip(("pha", "fgr residual", "err", "hid"), want, (pha, fgr_residual, err, hid)):
+            assert torch.equal(u, o), name
+        got = model(*x)
+        real = type(model)._coarse
+        model._coarse = lambda s, b, any_hid_layout=False: real(model, s, b, False)
+        exact = model(*x)
+    for name, u, o in zip(("pha", "fgr", "pha_sm", "fgr_sm", "err_sm", "ref_sm"), exact, got):
+        assert torch.equal(u, o), name
+        # (The batch stride of the coarse outputs is 5 channels' instead of 37.)
+        assert u.stride()[1:] == o.stride()[1:] and u.is_contiguous() == o.is_contiguous(), name
