@@ -1,7 +1,8 @@
 """How the Refiner runs a call in eager Python, decided in one place: the
 fused patch kernel, neighbouring cells merged into tiles (CPU), patches in
 chunks of bounded memory (with the free-memory probe behind the default),
-and the output buffer reused across calls. None of it changes the results;
+and the output buffer reused across calls (with reuse_output, or on the CPU
+where nothing holds the last one any more). None of it changes the results;
 TorchScript never reaches it (the Refiner calls it only outside scripting).
 
 RunPlan is a mixin of Refiner: its tuning knobs are class attributes that
@@ -9,6 +10,7 @@ an instance may override, and its methods read the Refiner's settings
 (max_patches, fused, merge_cells, reuse_output, kernel_size)."""
 import os
 import time
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -63,6 +65,12 @@ def free_memory(device: torch.device) -> int:
 
 def _needs_grad(tensors: List[Optional[Tensor]]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+#: Refiner -> its last CPU output (see RunPlan._unused_output). Beside the
+#: Refiner rather than in it, so that copying or pickling one never carries it.
+_last_outputs: "weakref.WeakKeyDictionary[torch.nn.Module, Tensor]" = weakref.WeakKeyDictionary()
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
 class RunPlan:
@@ -221,11 +229,11 @@ class RunPlan:
         a new one kept for the next call. None where a new output is due
         (see Refiner's docstring): reuse off, autograd, a torch.compile
         trace, a CUDA graph capture."""
-        if not getattr(self, "reuse_output", False) or torch.compiler.is_compiling() or capturing(coarse.device):
-            return None
-        if _needs_grad([coarse, patches, src]):
+        if torch.compiler.is_compiling() or capturing(coarse.device) or _needs_grad([coarse, patches, src]):
             return None
         shape = (coarse.shape[0], coarse.shape[1], H, W)
+        if not getattr(self, "reuse_output", False):
+            return self._unused_output(coarse, shape)
         kept = self.__dict__.get("_kept_output")
         if kept is None or tuple(kept.shape) != shape or kept.dtype != coarse.dtype or kept.device != coarse.device:
             # NB: a plain tensor (not an inference tensor), so that calls in
@@ -234,3 +242,36 @@ class RunPlan:
                 kept = torch.empty(shape, dtype=coarse.dtype, device=coarse.device)
             self.__dict__["_kept_output"] = kept
         return kept
+
+    def _unused_output(self, coarse: Tensor, shape: Tuple[int, ...]) -> Optional[Tensor]:
+        """Without reuse_output, on the CPU in eval mode: the last call's
+        output where nothing outside the Refiner holds it any more (no view
+        of it, no array on its memory), so that writing it again cannot be
+        seen; else None (a new output is due). Its memory would otherwise go
+        back to the OS (malloc maps buffers over 32 MiB afresh: a 4K output
+        is ~133 MB) and the new one pay a page fault per 4 KiB, ~30 ms a call
+        at 4K."""
+        if coarse.device.type != "cpu" or self.training or _storage_use_count is None:
+            return None
+        last = _last_outputs.pop(self, None)  # (atomic: one call at a time gets it)
+        if last is None or tuple(last.shape) != shape or last.dtype != coarse.dtype:
+            return None
+        if last.is_inference() != torch.is_inference_mode_enabled():
+            return None  # (the outputs of a call are inference tensors exactly in inference mode)
+        # `last` is a tensor of its own on that memory which no one else can
+        # reach (see _remember_output): the memory's users are `last` and the
+        # storage object made to ask, or there are others.
+        if _storage_use_count(last.untyped_storage()._cdata) != 2:
+            return None
+        return last
+
+    def _remember_output(self, out: Tensor) -> None:
+        """Keeps a new CPU output for _unused_output (eval inference, without
+        reuse_output), else forgets the last one. Called once the views returned are made (so a call in
+        another thread sees them); keeps a tensor of its own on the memory,
+        which is neither returned nor the base of anything returned."""
+        if (out.device.type == "cpu" and not self.training and not out.requires_grad
+                and not getattr(self, "reuse_output", False) and not torch.compiler.is_compiling()):
+            _last_outputs[self] = out.detach()
+        else:
+            _last_outputs.pop(self, None)  # (nothing kept alive for calls that will not use it)

@@ -80,7 +80,11 @@ class Refiner(RunPlan, nn.Module):
     to inference without autograd (eval mode, or no input or parameter
     requiring grad under grad mode), in eager Python: training, autograd,
     TorchScript, torch.compile traces and CUDA graph captures get a new
-    output every call, as without it.
+    output every call, as without it. Without it, on the CPU in eval
+    inference, the Refiner keeps its last output (beside itself, never
+    pickled or copied) and writes the next call's into it where nothing else
+    holds it any more (no tensor, view or array on its memory), which no
+    one can observe: a held output is never written.
 
     Input: src, bgr (B, 3, H, W) with H and W divisible by 4; pha (B, 1, Hc, Wc),
     fgr (B, 3, Hc, Wc), err (B, 1, Hc, Wc), hid (B, 32, Hc, Wc).
@@ -198,9 +202,14 @@ class Refiner(RunPlan, nn.Module):
             kept = self._output_to_reuse(coarse, x, epilogue_src, H, W)
             if kept is not None:
                 ops.run_compose_into(backend, coarse, x, idx, valid, epilogue_src, kept)
-                return kept[:, :1], kept[:, 1:], ref
+                pha_out, fgr_out = kept[:, :1], kept[:, 1:]
+                self._remember_output(kept)
+                return pha_out, fgr_out, ref
         out = ops.run_compose(backend, coarse, x, idx, valid, [H, W], epilogue_src)
-        return out[:, :1], out[:, 1:], ref
+        pha_out, fgr_out = out[:, :1], out[:, 1:]
+        if not torch.jit.is_scripting():
+            self._remember_output(out)
+        return pha_out, fgr_out, ref
 
     def _run_full(self, backend: str, src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, hid: Tensor,
                   folded: List[Tensor], epilogue: bool) -> Tuple[Tensor, Tensor, Tensor]:

@@ -2,6 +2,8 @@
 same weights: every mode, both kernel sizes, prevent_oversampling on and off,
 several resolutions and backbone scales, batch > 1, both backends, eval and
 training, dtypes, and the compatibility arguments."""
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import pymatting_ext as pm
-from pymatting_ext import reference
+from pymatting_ext import _plan, reference
 
 from conftest import DEVICES, needs_cuda
 from helpers import check_outputs, quarter_err, random_bn_, refiner_inputs
@@ -542,6 +544,91 @@ def test_reuse_output_scripts_and_compiles():
     for a, b, c in zip(want, got, compiled):
         assert torch.equal(a, b)
         torch.testing.assert_close(c, a, atol=1e-5, rtol=0)
+
+
+# -- without reuse_output: the last CPU output recycled where no one holds it ----
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("grad_off", ["no_grad", "inference_mode"])
+def test_unheld_cpu_output_is_rewritten_and_held_ones_never(backend, grad_off):
+    _, ours = pair("sampling", 16 * 60, 0.4, backend=backend)
+    fresh = pm.Refiner("sampling", 16 * 60, 0.4, backend=backend)
+    fresh.load_state_dict(ours.state_dict())
+    ours.eval(), fresh.eval()
+    x, y = inputs(2, 64, 96, 0.25), inputs(2, 64, 96, 0.25, err=torch.rand(2, 1, 16, 24))
+    off = torch.no_grad if grad_off == "no_grad" else torch.inference_mode
+    with off():
+        out = ours(*x)
+        ptr = out[0].data_ptr()
+        del out
+        # Dropped: the next call writes the same memory, with its own results.
+        again = ours(*y)
+        assert again[0].data_ptr() == ptr
+        for a, b in zip(fresh(*y), again):
+            assert torch.equal(a, b)
+        # Held in any form (a view, an array on it, the view's base where
+        # autograd records one), kept as it is: the next call gets new memory.
+        for hold in (lambda o: o[1], lambda o: o[0][:, :, 3:], lambda o: o[1].numpy(), lambda o: o[0]._base):
+            del again
+            again = ours(*x)
+            kept = hold(again)
+            if kept is None:  # (inference tensors record no base)
+                continue
+            want = torch.as_tensor(kept).clone()
+            ptr = again[0].data_ptr()
+            del again
+            again = ours(*y)
+            assert again[0].data_ptr() != ptr
+            assert torch.equal(torch.as_tensor(kept), want)
+            del kept
+        # forward_matting's outputs too, and they match a fresh Refiner's.
+        del again
+        first = ours.forward_matting(*x)
+        ptr = first[0].data_ptr()
+        del first
+        matting = ours.forward_matting(*y)
+        assert matting[0].data_ptr() == ptr
+        for a, b in zip(fresh.forward_matting(*y), matting):
+            assert torch.equal(a, b)
+
+
+def test_unheld_output_recycling_leaves_grad_training_modes_and_copies_alone():
+    _, ours = pair("sampling", 16 * 40, prevent=False)
+    ours.eval()
+    x = inputs(1, 64, 96, 0.25)
+    with torch.inference_mode():
+        ptr = ours(*x)[0].data_ptr()
+    # Out of inference mode, an inference tensor cannot be written: new memory.
+    with torch.no_grad():
+        out = ours(*x)
+        assert not out[0].is_inference()
+        ptr = out[0].data_ptr()
+        del out
+    # Grad mode with parameters requiring grad: new outputs with their graphs.
+    a = ours(*x)
+    assert a[0].requires_grad and a[0].data_ptr() != ptr
+    assert not _recycled(ours)  # (nor is the last no_grad output kept alive any longer)
+    ours.train()
+    with torch.no_grad():
+        ours(*x)
+    assert not _recycled(ours)
+    # The kept output lives beside the Refiner: copies and pickles never carry it.
+    ours.eval()
+    with torch.no_grad():
+        ours(*x)
+    assert _recycled(ours)
+    assert not _recycled(copy.deepcopy(ours)) and not _recycled(pickle.loads(pickle.dumps(ours)))
+    size = len(pickle.dumps(ours))
+    _forget(ours)
+    assert len(pickle.dumps(ours)) == size
+
+
+def _recycled(refiner):
+    return refiner in _plan._last_outputs
+
+
+def _forget(refiner):
+    _plan._last_outputs.pop(refiner, None)
 
 
 @needs_cuda
