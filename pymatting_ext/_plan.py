@@ -267,9 +267,10 @@ class RunPlan:
 
     def _remember_output(self, out: Tensor) -> None:
         """Keeps a new CPU output for _unused_output (eval inference, without
-        reuse_output), else forgets the last one. Called once the views returned are made (so a call in
-        another thread sees them); keeps a tensor of its own on the memory,
-        which is neither returned nor the base of anything returned."""
+        reuse_output), else forgets the last one. Called once the views to
+        return are made (so that a call in another thread sees them); keeps
+        a tensor of its own on the memory, which is neither returned nor the
+        base of anything returned."""
         if (out.device.type == "cpu" and not self.training and not out.requires_grad
                 and not getattr(self, "reuse_output", False) and not torch.compiler.is_compiling()):
             _last_outputs[self] = out.detach()
