@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .refiner import fold_batchnorm
+from .refiner import fold_batchnorm, tensors_key
 
 __all__ = ["coarse_plan", "prepare", "CoarsePlan", "ENV_VAR"]
 
@@ -298,7 +298,7 @@ def _plan_dtype(model: nn.Module, x: Tensor) -> Optional[torch.dtype]:
 
 def _key(model: nn.Module, dtype: torch.dtype) -> Optional[tuple]:
     """What the plan depends on: every parameter and buffer (storage,
-    in-place version, dtype, shape), the BatchNorm eps, the plan's dtype;
+    in-place version, dtype, device, shape), the BatchNorm eps, the plan's dtype;
     None where a module has hooks or a tensor has no version counter."""
     parts: list = [dtype]
     for part in (model.backbone, model.aspp, model.decoder):
@@ -307,11 +307,10 @@ def _key(model: nn.Module, dtype: torch.dtype) -> Optional[tuple]:
                 return None
             if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
                 parts.append(m.eps)
-        try:
-            parts.extend((t.data_ptr(), t._version, t.dtype, tuple(t.shape))
-                         for t in list(part.parameters()) + list(part.buffers()))
-        except RuntimeError:  # inference tensors carry no version counter
+        tensors = tensors_key(list(part.parameters()) + list(part.buffers()))
+        if tensors is None:
             return None
+        parts.extend(tensors)
     return tuple(parts)
 
 

@@ -36,6 +36,17 @@ def fold_batchnorm(weight: Tensor, bias: Optional[Tensor], mean: Optional[Tensor
     return w, b
 
 
+def tensors_key(tensors: List[Tensor]) -> Optional[tuple]:
+    """What a cache computed from `tensors` depends on: each one's storage,
+    in-place version, dtype, device and shape; None where one has no
+    version counter (inference tensors). Also the coarse plan's cache key
+    (pymatting_ext._coarse)."""
+    try:
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
+    except RuntimeError:
+        return None
+
+
 def _fold(weight: Tensor, bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor],
           gamma: Optional[Tensor], beta: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
     """fold_batchnorm rounded once to the weights' dtype."""
@@ -328,9 +339,8 @@ class Refiner(RunPlan, nn.Module):
         sources = self._fold_sources()
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return None
-        try:
-            key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in sources)
-        except RuntimeError:  # inference tensors carry no version counter
+        key = tensors_key(sources)
+        if key is None:
             return None
         key = key + ((self.bn1.eps, self.bn2.eps, self.bn3.eps),)
         cache = self.__dict__.get("_fold_cache")
