@@ -299,7 +299,9 @@ def _plan_dtype(model: nn.Module, x: Tensor) -> Optional[torch.dtype]:
 def _key(model: nn.Module, dtype: torch.dtype) -> Optional[tuple]:
     """What the plan depends on: every parameter and buffer (storage,
     in-place version, dtype, device, shape), the BatchNorm eps, the plan's dtype;
-    None where a module has hooks or a tensor has no version counter."""
+    None where a module has hooks or a tensor has no version counter. (A
+    training forward updates BatchNorm's running statistics without bumping
+    their version counter, but bumps its num_batches_tracked, a buffer.)"""
     parts: list = [dtype]
     for part in (model.backbone, model.aspp, model.decoder):
         for m in part.modules():

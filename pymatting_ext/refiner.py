@@ -327,8 +327,8 @@ class Refiner(RunPlan, nn.Module):
 
     def _cached_fold(self) -> Optional[List[Tensor]]:
         """The folded weights, computed once and reused while every source
-        tensor is the same (storage, in-place version, dtype, device) and the
-        eps are too; None where no cache applies: while torch.compile traces
+        tensor is the same (storage, in-place version, dtype, device), the
+        BatchNorms have tracked no new batch and the eps are the same; None where no cache applies: while torch.compile traces
         (it folds the constants itself), or where autograd must see the fold
         (grad enabled and a parameter requires grad).
 
@@ -339,7 +339,12 @@ class Refiner(RunPlan, nn.Module):
         sources = self._fold_sources()
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return None
-        key = tensors_key(sources)
+        # BatchNorm's training forward updates the running statistics inside
+        # its kernel without bumping their version counter; the count of
+        # batches it tracks (a Python in-place add) is bumped with them.
+        counts = [bn.num_batches_tracked for bn in (self.bn1, self.bn2, self.bn3)
+                  if bn.num_batches_tracked is not None]
+        key = tensors_key(sources + counts)
         if key is None:
             return None
         key = key + ((self.bn1.eps, self.bn2.eps, self.bn3.eps),)

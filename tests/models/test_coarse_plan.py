@@ -120,6 +120,23 @@ def test_plan_is_cached_and_rebuilt_when_the_weights_change():
         assert_close(ours(src, bgr)[2], want[2], 2e-5, "err after load_state_dict")
 
 
+def test_plan_is_rebuilt_after_a_training_forward_updates_the_running_stats():
+    # BatchNorm updates running_mean and running_var without bumping their
+    # version counter; its num_batches_tracked (in the key) tells.
+    up, ours = base_pair("mobilenetv2")
+    x = images(1, 64, 96)
+    for model in (up, ours):
+        with torch.no_grad():
+            model(*x)
+            model.train()
+            torch.manual_seed(1)  # (the ASPP's Dropout, before the decoder's BatchNorms)
+            model(*images(2, 64, 96))
+        model.eval()
+    with torch.no_grad():
+        for name, u, o in zip(("pha", "fgr", "err"), up(*x), ours(*x)):
+            assert_close(o, u, 2e-5, name)
+
+
 @pytest.mark.parametrize("backbone", ["mobilenetv2", "resnet50"])
 def test_plan_holds_one_packed_copy_of_the_weights(backbone):
     # What the plan costs in memory beside the model (the benchmark's

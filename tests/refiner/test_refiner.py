@@ -192,6 +192,25 @@ def test_training_fp32_matches_upstream(mode):
         torch.testing.assert_close(o.float(), u.float(), rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_fold_cache_follows_running_stats_a_training_forward_updates(grad):
+    # BatchNorm's training forward updates running_mean and running_var in
+    # its kernel, without bumping their version counter: the eval calls
+    # after it must not reuse the fold made before it.
+    up, ours = pair("sampling", 16 * 40, prevent=False)
+    x, batch = inputs(1, 64, 96, 0.25), inputs(2, 64, 96, 0.25)
+    for model in (up, ours):
+        model.eval()
+        with torch.no_grad():
+            model(*x)
+        model.train()
+        with torch.set_grad_enabled(grad):
+            model(*batch)
+        model.eval()
+    with torch.no_grad():
+        check_outputs(up(*x), ours(*x))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_fp32_error_no_worse_than_upstreams(mode):
     up, ours = pair(mode)
