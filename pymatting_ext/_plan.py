@@ -271,8 +271,10 @@ class RunPlan:
         return are made (so that a call in another thread sees them); keeps
         a tensor of its own on the memory, which is neither returned nor the
         base of anything returned."""
+        if torch.compiler.is_compiling():
+            return  # (module state a compiled graph would have to guard on)
         if (out.device.type == "cpu" and not self.training and not out.requires_grad
-                and not getattr(self, "reuse_output", False) and not torch.compiler.is_compiling()):
+                and not getattr(self, "reuse_output", False)):
             _last_outputs[self] = out.detach()
         else:
             _last_outputs.pop(self, None)  # (nothing kept alive for calls that will not use it)

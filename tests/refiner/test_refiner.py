@@ -640,6 +640,25 @@ def test_unheld_output_recycling_leaves_grad_training_modes_and_copies_alone():
     size = len(pickle.dumps(ours))
     _forget(ours)
     assert len(pickle.dumps(ours)) == size
+    # torch.compile traces a Refiner that keeps an output: the graph neither
+    # touches nor guards on the kept outputs (another Refiner's changing is
+    # no cause to recompile), and returns the eager results.
+    _, other = pair("sampling", 16 * 40, prevent=False)
+    other.eval()
+    with torch.no_grad():
+        want = [t.clone() for t in ours(*x)]
+        other(*x)
+        assert _recycled(ours) and _recycled(other)
+        torch._dynamo.reset()
+        compiled = torch.compile(ours, fullgraph=True)
+        got = compiled(*x)
+        assert _recycled(ours)
+        _forget(other)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again = compiled(*x)
+    for a, b, c in zip(want, got, again):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c, a, atol=1e-5, rtol=0)
 
 
 def _recycled(refiner):
