@@ -150,7 +150,6 @@ def breakdown(refiner, x, device, warmup, repeat):
     without the stopwatch)."""
     import resource
 
-    from pymatting_ext import ops
     from pymatting_ext import refiner as module
 
     src, bgr, pha, fgr, err, hid = x

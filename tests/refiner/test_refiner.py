@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import pymatting_ext as pm
 from pymatting_ext import _plan, reference
