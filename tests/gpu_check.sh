@@ -130,9 +130,20 @@ printf '\n# %s: gpu_check %s (GPU=%s, %s cores, deadline %s s)\n' "$(date -u +%F
 : > "$STATUS"
 
 # put SRC NAME: SRC into $OUT/NAME by a rename, so that a command killed while
-# copying leaves the previous version, not half a file.
+# copying leaves the previous version, not half a file. The copy is staged on
+# $OUT's file system but outside $OUT where the work folder shares it (a kill
+# between the copy and the rename then leaves nothing in $OUT either), in $OUT
+# otherwise; its name carries the process, as two publishers may run at once.
+if [ "$(stat -c %d "$WORK")" = "$(stat -c %d "$OUT")" ]; then
+    STAGE=$WORK/stage
+else
+    STAGE=$OUT
+fi
+mkdir -p "$STAGE"
+rm -f "$OUT"/.*.part
 put() {
-    cp "$1" "$OUT/.$2.part" 2> /dev/null && mv -f "$OUT/.$2.part" "$OUT/$2"
+    local part=$STAGE/.$2.$BASHPID.part
+    cp "$1" "$part" 2> /dev/null && mv -f "$part" "$OUT/$2"
 }
 
 # publish: the summary, the logs' tails, the logs and the verdict into $OUT
