@@ -25,7 +25,8 @@ any layout the plan does not recognise). It is built on the first call and
 cached beside the model; any change to a parameter or buffer (in place,
 ``load_state_dict``, ``.to()``) rebuilds it, as the refiner's fold cache.
 The environment variable PYMATTING_EXT_COARSE_PLAN=0 turns it off (the
-modules then run, as upstream's).
+modules then run, as upstream's). Building a plan also keeps glibc's heap
+from shrinking between frames (_malloc.keep_heap).
 """
 import os
 import weakref
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _malloc
 from .refiner import fold_batchnorm, tensors_key
 
 __all__ = ["coarse_plan", "prepare", "CoarsePlan", "ENV_VAR"]
@@ -80,6 +82,7 @@ class _Conv:
         else:
             raise _Unsupported(f"no fused activation for {type(act).__name__}")
         self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        self.out_channels = conv.out_channels  # (the useful ones, without pad_out's)
         self.dtype = dtype
         # The output channels rounded up to a multiple of 16 with zero
         # weights, for a last layer whose caller slices them off: oneDNN's
@@ -347,6 +350,8 @@ def coarse_plan(model: nn.Module, x: Tensor) -> Optional[CoarsePlan]:
                 plan: Optional[CoarsePlan] = CoarsePlan(model, dtype)
         except _Unsupported:
             plan = None
+        # CPU inference: keep each frame's memory in the heap for the next.
+        _malloc.keep_heap()
         cached = (key, plan)
         _PLANS[model] = cached
     return cached[1]
