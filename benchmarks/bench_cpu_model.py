@@ -28,7 +28,10 @@ coarse network (backbone, ASPP, decoder), the refiner, the rest; and the
 coarse network's convolutions against their floor: its FLOPs (counted from
 the modules) over the rate of one large 3x3 convolution (256 -> 256
 channels, 68 x 120, channels-last, oneDNN with packed weights) measured
-beside it in the same dtype; and the peak memory (maximum RSS of a fresh
+beside it in the same dtype, and each of its convolutions timed inside
+the plan's calls against its own floor (the larger of its FLOPs at that
+rate and its bytes at a copy's rate), per kind (3x3, 1x1, depthwise), with
+the time outside them; and the peak memory (maximum RSS of a fresh
 process making 3 calls) with the plan and with the modules. Writes
 cpu_model_<backbone>.{json,txt} into results/<device>/ (or --out).
 """
@@ -91,6 +94,108 @@ def large_conv_rate(dtype, repeat):
             step(x)
         times = call_times(lambda: step(x), torch.device("cpu"), repeat)
     return flops / (sorted(times)[len(times) // 2] / 1e3) / 1e9
+
+
+def copy_rate(nbytes, repeat):
+    """GB/s of one copy moving nbytes in all (read half, write half): the
+    memory floor's rate at a layer's own working-set size (in cache or not)."""
+    a = torch.empty(max(1, nbytes // 8), dtype=torch.float32)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = call_times(lambda: b.copy_(a), torch.device("cpu"), repeat)
+    return 2 * a.numel() * 4 / (sorted(times)[len(times) // 2] / 1e3) / 1e9
+
+
+def layer_times(ours, x, dtype, conv_rate, repeat):
+    """Each convolution of the coarse network's plan timed inside the plan's
+    own calls (x: the 6-channel input), against its floor: the larger of its
+    FLOPs at the large convolution's rate and its bytes (input, residual,
+    output, weights) at a copy's rate at that size. Returns per-layer rows,
+    the plan's time and the time outside the convolutions (medians over the
+    calls of each call's whole time and of its time outside them)."""
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        plan = _coarse.coarse_plan(ours, x)
+    if plan is None:
+        return None
+    seen = {}
+    call = _coarse._Conv.__call__
+
+    def timed(layer, inp, residual=None):
+        t0 = time.perf_counter()
+        out = call(layer, inp, residual)
+        dt = time.perf_counter() - t0
+        entry = seen.setdefault(id(layer), {"layer": layer, "times": [], "shapes": None})
+        entry["times"].append(dt)
+        entry["shapes"] = (tuple(inp.shape), tuple(out.shape), residual is not None, out.element_size())
+        return out
+
+    whole, outside = [], []
+    with torch.inference_mode():  # (the plan converts x to its dtype)
+        plan(x)
+        _coarse._Conv.__call__ = timed
+        try:
+            for i in range(repeat + 1):
+                t0 = time.perf_counter()
+                plan(x)
+                dt = time.perf_counter() - t0
+                if i == 0:  # (a warm-up with the timers in place)
+                    seen.clear()
+                    continue
+                whole.append(dt)
+                outside.append(dt - sum(e["times"][-1] for e in seen.values()))
+        finally:
+            _coarse._Conv.__call__ = call
+    rows = []
+    for entry in seen.values():
+        layer, (shape_in, shape_out, residual, size) = entry["layer"], entry["shapes"]
+        cout, cin_g, kh, kw = layer.weight.size()
+        groups = layer.args[3]
+        kind = ("depthwise" if groups > 1 and groups == shape_in[1] else
+                f"{kh}x{kw}" if groups == 1 else "grouped")
+        out_numel = shape_out[0] * shape_out[2] * shape_out[3] * shape_out[1]
+        # (Useful FLOPs: without the zero output channels of pad_out.)
+        flops = 2 * (out_numel // shape_out[1]) * layer.out_channels * kh * kw * cin_g
+        act = (shape_in[0] * shape_in[1] * shape_in[2] * shape_in[3] + out_numel * (2 if residual else 1)) * size
+        nbytes = act + torch.ops.mkldnn._nbytes(layer.weight)
+        ms = sorted(entry["times"])[len(entry["times"]) // 2] * 1e3
+        compute_ms = flops / (conv_rate * 1e9) * 1e3
+        memory_ms = nbytes / (copy_rate(act // 2, max(5, repeat)) * 1e9) * 1e3
+        rows.append({"kind": kind, "in": shape_in, "out": shape_out, "ms": ms, "gflop": flops / 1e9,
+                     "mb": nbytes / 2**20, "compute_floor_ms": compute_ms, "memory_floor_ms": memory_ms,
+                     "floor_ms": max(compute_ms, memory_ms)})
+    conv_ms = sum(r["ms"] for r in rows)
+    return {"layers": rows, "plan_ms": sorted(whole)[len(whole) // 2] * 1e3,
+            "outside_convolutions_ms": sorted(outside)[len(outside) // 2] * 1e3,
+            "convolutions_ms": conv_ms, "large_conv_gflops_per_s": conv_rate,
+            "convolutions_share_of_large_conv_rate": sum(r["gflop"] for r in rows) / (conv_ms / 1e3) / conv_rate}
+
+
+def print_layers(out, label, result):
+    """The per-kind summary of layer_times, and the layers furthest above
+    their floor."""
+    rows = []
+    kinds = sorted({r["kind"] for r in result["layers"]})
+    for kind in kinds:
+        sel = [r for r in result["layers"] if r["kind"] == kind]
+        ms, floor = sum(r["ms"] for r in sel), sum(r["floor_ms"] for r in sel)
+        bound = sum(r["memory_floor_ms"] > r["compute_floor_ms"] for r in sel)
+        rows.append([kind, str(len(sel)), f"{ms:.1f}", f"{floor:.1f}", f"{100 * floor / ms:.0f}%",
+                     f"{sum(r['gflop'] for r in sel) / (ms / 1e3):.0f}", f"{bound}/{len(sel)}"])
+    ms = sum(r["ms"] for r in result["layers"])
+    floor = sum(r["floor_ms"] for r in result["layers"])
+    rows.append(["all convolutions", str(len(result["layers"])), f"{ms:.1f}", f"{floor:.1f}",
+                 f"{100 * floor / ms:.0f}%", f"{sum(r['gflop'] for r in result['layers']) / (ms / 1e3):.0f}", "-"])
+    rows.append(["outside them", "-", f"{result['outside_convolutions_ms']:.1f}", "-", "-", "-", "-"])
+    out.table(f"  {label}: the coarse network's plan ({result['plan_ms']:.1f} ms; its convolutions alone at "
+              f"{100 * result['convolutions_share_of_large_conv_rate']:.0f}% of the large convolution's "
+              f"{result['large_conv_gflops_per_s']:.0f} GFLOP/s) per kind of convolution against its floor (the "
+              f"larger of its FLOPs at that rate and its bytes at a copy's rate)",
+              ["kind", "layers", "ms", "floor ms", "floor/time", "GFLOP/s", "memory-bound"], rows)
+    worst = sorted(result["layers"], key=lambda r: r["floor_ms"] - r["ms"])[:5]
+    out.table(f"  {label}: the five layers furthest above their floor",
+              ["kind", "in", "out", "ms", "floor ms", "GFLOP", "MB"],
+              [[r["kind"], "x".join(map(str, r["in"][1:])), "x".join(map(str, r["out"][1:])), f"{r['ms']:.1f}",
+                f"{r['floor_ms']:.1f}", f"{r['gflop']:.2f}", f"{r['mb']:.1f}"] for r in worst])
 
 
 def stage_times(ours, src, bgr, autocast, repeat):
@@ -240,7 +345,8 @@ def main():
 
             # Where our time goes, and the coarse network against its floor.
             Hc, Wc = int(setting["H"] * setting["scale"]), int(setting["W"] * setting["scale"])
-            flops = conv_flops(ours, torch.rand(1, 6, Hc, Wc))
+            x_coarse = torch.rand(1, 6, Hc, Wc)
+            flops = conv_flops(ours, x_coarse)
             breakdown = {}
             for dtype, autocast_on in [(torch.float32, False)] + ([(torch.bfloat16, True)] if bf16 else []):
                 stages = stage_times(ours, src, bgr, autocast_on, max(3, repeat))
@@ -258,6 +364,10 @@ def main():
                 out(f"  coarse network: {flops / 1e9:.1f} GFLOP at {coarse_rate:.0f} GFLOP/s = "
                     f"{100 * coarse_rate / rate:.0f}% of one large 3x3 convolution's {rate:.0f} GFLOP/s "
                     f"(floor {flops / (rate * 1e9) * 1e3:.0f} ms)")
+                layers = layer_times(ours, x_coarse, dtype, rate, max(3, repeat))
+                if layers is not None:
+                    breakdown[label]["layers"] = layers
+                    print_layers(out, label, layers)
             results[name] = {"setting": setting, "timing": timing, "breakdown": breakdown,
                              "onnx_export_and_load_seconds": exports}
             del up, ours
