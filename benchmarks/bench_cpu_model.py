@@ -36,6 +36,7 @@ process making 3 calls) with the plan and with the modules. Writes
 cpu_model_<backbone>.{json,txt} into results/<device>/ (or --out).
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -146,20 +147,23 @@ def layer_times(ours, x, dtype, conv_rate, repeat):
         finally:
             _coarse._Conv.__call__ = call
     rows = []
+    rates = {}  # working-set bytes -> copy_rate (layers of one shape share it)
     for entry in seen.values():
         layer, (shape_in, shape_out, residual, size) = entry["layer"], entry["shapes"]
-        cout, cin_g, kh, kw = layer.weight.size()
+        _, cin_g, kh, kw = layer.weight.size()
         groups = layer.args[3]
         kind = ("depthwise" if groups > 1 and groups == shape_in[1] else
                 f"{kh}x{kw}" if groups == 1 else "grouped")
-        out_numel = shape_out[0] * shape_out[2] * shape_out[3] * shape_out[1]
+        pixels = shape_out[0] * shape_out[2] * shape_out[3]
         # (Useful FLOPs: without the zero output channels of pad_out.)
-        flops = 2 * (out_numel // shape_out[1]) * layer.out_channels * kh * kw * cin_g
-        act = (shape_in[0] * shape_in[1] * shape_in[2] * shape_in[3] + out_numel * (2 if residual else 1)) * size
+        flops = 2 * pixels * layer.out_channels * kh * kw * cin_g
+        act = (math.prod(shape_in) + math.prod(shape_out) * (2 if residual else 1)) * size
         nbytes = act + torch.ops.mkldnn._nbytes(layer.weight)
         ms = sorted(entry["times"])[len(entry["times"]) // 2] * 1e3
         compute_ms = flops / (conv_rate * 1e9) * 1e3
-        memory_ms = nbytes / (copy_rate(act // 2, max(5, repeat)) * 1e9) * 1e3
+        if act // 2 not in rates:
+            rates[act // 2] = copy_rate(act // 2, max(5, repeat))
+        memory_ms = nbytes / (rates[act // 2] * 1e9) * 1e3
         rows.append({"kind": kind, "in": shape_in, "out": shape_out, "ms": ms, "gflop": flops / 1e9,
                      "mb": nbytes / 2**20, "compute_floor_ms": compute_ms, "memory_floor_ms": memory_ms,
                      "floor_ms": max(compute_ms, memory_ms)})

@@ -328,9 +328,10 @@ class Refiner(RunPlan, nn.Module):
     def _cached_fold(self) -> Optional[List[Tensor]]:
         """The folded weights, computed once and reused while every source
         tensor is the same (storage, in-place version, dtype, device), the
-        BatchNorms have tracked no new batch and the eps are the same; None where no cache applies: while torch.compile traces
-        (it folds the constants itself), or where autograd must see the fold
-        (grad enabled and a parameter requires grad).
+        BatchNorms have tracked no new batch and the eps are the same; None
+        where no cache applies: while torch.compile traces (it folds the
+        constants itself), or where autograd must see the fold (grad enabled
+        and a parameter requires grad).
 
         NB: refolding costs ~49 small launches per forward on a GPU, more
         than all the refiner's other launches together."""
